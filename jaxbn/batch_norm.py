@@ -372,13 +372,13 @@ def _affine(mean, var, scale, bias, epsilon, dtype):
     return mean.astype(dtype), a, b
 
 
-def _normalize(x, mean, var, scale, bias, lay, epsilon):
+def _normalize(x, mean, var, scale, bias, lay, epsilon, out_dtype=None):
     dt = _stat_dtype(x.dtype)
     mean, a, b = _affine(mean, var, scale, bias, epsilon, dt)
     # (x - mean) * a + b, not x * a + (b - mean * a): the subtraction is exact when
     # x is near mean, which keeps float32 precision at large means.
     y = (x.astype(dt) - lay.b(mean)) * lay.b(a) + (b if jnp.ndim(b) == 0 else lay.b(b))
-    return y.astype(x.dtype)
+    return y.astype(x.dtype if out_dtype is None else out_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -390,6 +390,7 @@ class _Config(NamedTuple):
     names: Optional[tuple]
     groups: Optional[tuple]
     epsilon: float
+    dtype: Any  # output dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -399,7 +400,7 @@ def _train_normalize(cfg: _Config, x, scale, bias, mask):
 
 def _train_fwd(cfg: _Config, x, scale, bias, mask):
     stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups)
-    y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon)
+    y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
     out = (y, jax.lax.stop_gradient(stats))
     return out, (x, scale, bias, mask, stats.mean, stats.var, stats.count)
 
@@ -513,6 +514,7 @@ def batch_norm(
     mask: Optional[ArrayLike] = None,
     update_stats: Optional[bool] = None,
     unbiased_running_var: bool = False,
+    dtype: Any = None,
 ) -> tuple[jax.Array, BatchNormState]:
     """One BatchNorm layer: normalize `x` and advance the running statistics.
 
@@ -551,9 +553,10 @@ def batch_norm(
         normalizes with the running statistics while folding the batch in.
       unbiased_running_var: store the running variance with Bessel's correction
         over the global count (PyTorch's convention).
+      dtype: dtype of y (default: x's dtype). The arithmetic is float32 either way.
 
     Returns:
-      ``(y, new_state)``: y in x's dtype and shape; `new_state` like `state`
+      ``(y, new_state)``: y in x's shape and `dtype`; `new_state` like `state`
       (replicated across `axis_name`). The state carries no gradient.
 
     Raises:
@@ -581,16 +584,17 @@ def batch_norm(
     names, groups = _axis_names(axis_name), _groups(axis_index_groups)
     if update_stats is None:
         update_stats = training
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
 
     batch = None
     if training:
         eps = _concrete(epsilon)
         if eps is None:
             raise TypeError(f"epsilon must be a concrete number in training mode, got {epsilon!r}")
-        cfg = _Config(lay, names, groups, eps)
+        cfg = _Config(lay, names, groups, eps, out_dtype)
         y, batch = _train_normalize(cfg, x, scale, bias, mask)
     else:
-        y = _normalize(x, state.mean, state.var, scale, bias, lay, epsilon)
+        y = _normalize(x, state.mean, state.var, scale, bias, lay, epsilon, out_dtype)
         if update_stats:
             batch = jax.lax.stop_gradient(_global_moments(x, mask, lay, names, groups))
     if update_stats:

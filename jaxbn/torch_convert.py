@@ -58,14 +58,19 @@ _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _to_numpy(name: str, v: Any) -> np.ndarray:
-    """A torch tensor (any device, bf16 included) or array-like as a NumPy array."""
+    """A torch tensor (any device, bf16 included) or array-like as a NumPy array.
+
+    Always a copy: ``tensor.numpy()`` shares the tensor's memory and JAX may wrap a
+    CPU NumPy array without copying, so without it the "immutable" jax arrays would
+    change when PyTorch updates its running statistics in place.
+    """
     if hasattr(v, "detach") and hasattr(v, "cpu"):  # torch.Tensor, without importing torch.
         v = v.detach().cpu()
         if v.is_floating_point() and str(v.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
             v = v.float()  # bfloat16 & co. have no NumPy dtype in torch.
-        return v.numpy()
+        return np.array(v.numpy(), copy=True)
     try:
-        return np.asarray(v)
+        return np.array(v, copy=True)
     except Exception as e:  # pragma: no cover - depends on the object.
         raise TypeError(f"{name} must be a torch tensor or an array, got {type(v).__name__}") from e
 
@@ -221,16 +226,17 @@ def to_torch_state_dict(
     for src, dst in (("scale", "weight"), ("bias", "bias")):
         if params.get(src) is None:
             continue
-        v = np.asarray(params[src])
+        v = np.array(params[src], copy=True)
         if v.shape != mean.shape:
             raise ValueError(f"params[{src!r}] has shape {v.shape}, expected {mean.shape} (state.mean's)")
         out[prefix + dst] = v
     var = np.asarray(var)
     if var.shape != mean.shape:
         raise ValueError(f"state.var has shape {var.shape}, expected {mean.shape} (state.mean's)")
-    out[prefix + "running_mean"] = np.asarray(mean, np.float32)
-    out[prefix + "running_var"] = np.asarray(var, np.float32)
-    out[prefix + "num_batches_tracked"] = np.asarray(count, np.int64).reshape(())
+    # Writable copies, never views of jax buffers.
+    out[prefix + "running_mean"] = np.array(mean, np.float32, copy=True)
+    out[prefix + "running_var"] = np.array(var, np.float32, copy=True)
+    out[prefix + "num_batches_tracked"] = np.array(count, np.int64, copy=True).reshape(())
 
     if as_torch:
         import torch  # Lazily: jaxbn does not depend on torch.
@@ -238,7 +244,7 @@ def to_torch_state_dict(
         def to_t(a: np.ndarray):
             if a.dtype.name == "bfloat16":
                 return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-            return torch.from_numpy(np.array(a))  # a writable copy.
+            return torch.from_numpy(a)  # `a` is already a private copy.
 
         out = {k: to_t(v) for k, v in out.items()}
     return out

@@ -247,7 +247,7 @@ def test_api_conventions():
         ["BatchNormState", "Moments", "batch_norm", "init_params", "init_state", "moments", "normalize", "running_moments"]
     )
     kw_only = {
-        "batch_norm": {"training", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups", "mask", "update_stats", "unbiased_running_var"},
+        "batch_norm": {"training", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups", "mask", "update_stats", "unbiased_running_var", "dtype"},
         "moments": {"axis", "axis_name", "axis_index_groups", "mask"},
         "normalize": {"axis", "epsilon"},
         "running_moments": {"momentum", "unbiased_running_var"},

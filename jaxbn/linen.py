@@ -1,0 +1,146 @@
+"""Flax Linen adapter: a drop-in replacement for `flax.linen.BatchNorm`.
+
+Same constructor fields, same call signature and the same variable tree
+(``params/{scale,bias}``, ``batch_stats/{mean,var}``), so changing one import
+keeps existing checkpoints and ``mutable=['batch_stats']`` code::
+
+    -from flax.linen import BatchNorm
+    +from jaxbn.linen import BatchNorm
+
+The module only owns variables; all statistics come from `jaxbn.batch_norm`, so
+they are exact across devices (count-weighted, masks, empty shards), two-pass
+stable and float32 for low-precision inputs, where Flax's are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbn.batch_norm import BatchNormState, _check_x, _layout, batch_norm
+
+__all__ = ["BatchNorm"]
+
+
+def _is_bound(axis_name) -> bool:
+    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    try:
+        for n in names:
+            jax.lax.axis_size(n)
+    except NameError:
+        return False
+    return True
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization with exact cross-device statistics (Flax Linen).
+
+    Training (``use_running_average=False``), with μ_B, σ²_B the moments over
+    every non-feature axis and every device of `axis_name` (unmasked entries):
+
+        y = (x - μ_B) / sqrt(σ²_B + ε) · scale + bias
+        batch_stats.mean ← momentum · mean + (1 - momentum) · μ_B   (same for var)
+
+    Evaluation (``use_running_average=True``) normalizes with ``batch_stats``.
+
+    Attributes are Flax's (see `flax.linen.BatchNorm`), with these differences:
+      use_fast_variance: accepted for compatibility; jaxbn always uses the exact
+        two-pass variance (it costs no extra collective).
+      force_float32_reductions: accepted; statistics are always float32.
+      momentum: may also be None for PyTorch's cumulative average, which adds a
+        ``batch_stats/count`` variable (absent otherwise, to keep Flax's tree).
+      update_stats: jaxbn extra; False normalizes with batch statistics without
+        touching ``batch_stats`` (so it need not be mutable).
+      unbiased_running_var: jaxbn extra; store the running variance with
+        Bessel's correction, as PyTorch does.
+      trainable_params: jaxbn extra; False stops gradients to scale and bias
+        (frozen BN for fine-tuning, together with ``use_running_average=True``).
+
+    During ``init`` the running statistics are not updated and an `axis_name`
+    that is not bound is not required (flax#1250), as in Flax.
+    """
+
+    use_running_average: Optional[bool] = None
+    axis: Union[int, Sequence[int]] = -1
+    momentum: Optional[float] = 0.99
+    epsilon: float = 1e-5
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Callable = nn.initializers.zeros
+    scale_init: Callable = nn.initializers.ones
+    axis_name: Optional[Union[str, Sequence[str]]] = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    update_stats: Optional[bool] = None
+    unbiased_running_var: bool = False
+    trainable_params: bool = True
+
+    @nn.compact
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask: Optional[jax.Array] = None):
+        """Normalizes `x`; see the class docstring.
+
+        Args:
+          x: the input, any floating dtype.
+          use_running_average: overrides the attribute of the same name.
+          mask: boolean, broadcastable to x; False entries do not count towards
+            the statistics.
+
+        Returns:
+          The normalized input, in `dtype` (default: x's and the params' dtypes
+          promoted, as Flax).
+        """
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        x = _check_x(x)
+        fshape = _layout(x, self.axis).feature_shape
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
+        count = None
+        if self.momentum is None:
+            count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+        params = {}
+        if self.use_scale:
+            params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, fshape, self.param_dtype)
+        if not self.trainable_params:
+            params = jax.lax.stop_gradient(params)
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
+
+        initializing = self.is_initializing()
+        axis_name = self.axis_name
+        if initializing and axis_name is not None and not _is_bound(axis_name):
+            axis_name = None
+        training = not use_running_average
+        update = training if self.update_stats is None else self.update_stats
+        state = BatchNormState(
+            mean=ra_mean.value,
+            var=ra_var.value,
+            count=count.value if count is not None else jnp.zeros((), jnp.int32),
+        )
+        y, new = batch_norm(
+            x,
+            params or None,
+            state,
+            training=training,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis_name=axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            update_stats=update and not initializing,
+            unbiased_running_var=self.unbiased_running_var,
+            dtype=dtype,
+        )
+        if update and not initializing:
+            ra_mean.value = new.mean
+            ra_var.value = new.var
+            if count is not None:
+                count.value = new.count
+        return y
