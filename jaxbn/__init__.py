@@ -17,6 +17,17 @@ from jaxbn.batch_norm import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"check_sync_bn": "jaxbn.sync_check", "assert_sync_bn": "jaxbn.sync_check"}
+
+
+def __getattr__(name):
+    # Flax-dependent helpers load on first use, so `import jaxbn` needs only JAX.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
 __all__ = [
     "BatchNormState",
     "Moments",
