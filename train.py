@@ -1,0 +1,74 @@
+r"""Trains an image classifier with synchronized BatchNorm, on one host or several.
+
+  python train.py                                      # configs/default.py: the article's CNN
+  python train.py --config configs/resnet.py --workdir runs/resnet
+  python train.py --config.norm=flax                   # A/B: Flax's BatchNorm
+  python train.py --config configs/smoke.py --config.num_epochs=1 --workdir /tmp/smoke
+
+Running again with the same --workdir resumes from its latest checkpoint.
+
+Several processes (e.g. two on one machine; on several hosts use process 0's address):
+
+  python train.py --coordinator_address 127.0.0.1:12345 --num_processes 2 --process_id 0 &
+  python train.py --coordinator_address 127.0.0.1:12345 --num_processes 2 --process_id 1
+
+or, under SLURM / Open MPI / Kubernetes / Cloud TPU, `python train.py --distributed`.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)  # so that configs can `from configs import default`
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plot go here (default: runs/<config>_<norm>).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (several hosts).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool("distributed", False, "Join a cluster found by JAX's auto-detection (SLURM, MPI, ...).")
+flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to join.")
+try:
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(_HERE, "configs", "default.py"),
+        "Training config: a configs/*.py file; override fields with --config.FIELD=VALUE.",
+        lock_config=True)
+except (KeyError, AttributeError) as e:  # ml_collections applies the overrides here
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    sys.exit(f"train.py: error: unknown config field {e} in {overrides}: every --config.FIELD "
+             f"must exist in the config file's get_config()")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    # Before any other JAX call.
+    from jaxbn import data, train_lib
+
+    train_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                     timeout_s=FLAGS.distributed_timeout, auto_detect=FLAGS.distributed)
+    config = FLAGS.config
+    workdir = FLAGS.workdir
+    if workdir is None:
+        name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+        workdir = os.path.join("runs", f"{name}_{config.norm}")
+    try:
+        _, summary = train_lib.train_and_evaluate(config, workdir)
+    except (train_lib.ConfigError, train_lib.CheckpointError, data.DataError) as e:
+        logging.error("%s", e)
+        sys.exit(f"train.py: error: {e}")
+    if summary["stopped"]:
+        print(f"Stopped at step {summary['step']} (config.stop_after_steps); run again to resume.")
+        return
+    print(f"Final test accuracy: {100 * summary['test_accuracy']:.2f}% ({summary['test_examples']} "
+          f"test images) after {summary['step']} steps; wall time {summary['wall_time_s']:.1f} s; "
+          f"{summary['images_per_sec'] or 0:.0f} images/s; {summary['nonfinite_steps']} non-finite "
+          f"step(s) skipped; workdir {os.path.abspath(workdir)}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
