@@ -15,6 +15,7 @@ Several processes (e.g. two on one machine; on several hosts use process 0's add
 or, under SLURM / Open MPI / Kubernetes / Cloud TPU, `python train.py --distributed`.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -43,9 +44,15 @@ except (KeyError, AttributeError) as e:  # ml_collections applies the overrides 
              f"must exist in the config file's get_config()")
 
 
+def _quiet_orbax(record) -> bool:
+    """Drops orbax's INFO chatter (a dozen lines per checkpoint); keeps its warnings."""
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
     # Before any other JAX call.
     from jaxbn import data, train_lib
 

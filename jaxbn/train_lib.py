@@ -448,6 +448,29 @@ def make_steps(config, model: nn.Module, tx: optax.GradientTransformation,
     return Steps(parallel, mesh, init, train, evaluate_, traces)
 
 
+# Config fields that determine the compiled steps (through the model and optimizer).
+_STEP_FIELDS = ("model", "norm", "bn_momentum", "bn_epsilon", "parallel", "optimizer",
+                "learning_rate", "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_steps(fields: tuple, num_classes: int, image_shape: tuple, steps_per_epoch: int,
+                  total_steps: int, device_ids: tuple) -> Tuple[Steps, optax.Schedule]:
+    config = ml_collections.ConfigDict(dict(fields))
+    model = create_model(config, num_classes)
+    tx = create_optimizer(config, steps_per_epoch, total_steps)
+    devices = {d.id: d for d in jax.devices()}
+    steps = make_steps(config, model, tx, image_shape, make_mesh([devices[i] for i in device_ids]))
+    return steps, create_learning_rate_schedule(config, steps_per_epoch, total_steps)
+
+
+def _steps_for(config, num_classes, image_shape, steps_per_epoch, total_steps):
+    """`make_steps` for `config`, shared by runs in one process that compile the same steps."""
+    fields = tuple((f, config[f]) for f in _STEP_FIELDS)
+    return _cached_steps(fields, num_classes, tuple(image_shape), steps_per_epoch, total_steps,
+                         tuple(d.id for d in jax.devices()))
+
+
 # ---------------------------------------------------------------------------
 # Evaluation, metrics, plot
 # ---------------------------------------------------------------------------
@@ -701,20 +724,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
     total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * spe
     eval_bs = _eval_batch_size(config, jax.device_count())
 
-    model = create_model(config, ds.num_classes)
-    schedule = create_learning_rate_schedule(config, spe, total)
-    tx = create_optimizer(config, spe, total)
-    steps = make_steps(config, model, tx, ds.image_shape)
-
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
     config_path = os.path.join(workdir, "config.json")
     metrics = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), primary)
-    state = steps.init(jax.random.key(config.seed))
-    start = 0
-    if manager.latest_step() is not None:
+    resuming = manager.latest_step() is not None
+    if resuming:
         _check_resume_config(config, config_path)
-        state, meta = restore_checkpoint(manager, _abstract(state, steps.replicated))
+
+    steps, schedule = _steps_for(config, ds.num_classes, ds.image_shape, spe, total)
+    rng = jax.random.key(config.seed)
+    start = 0
+    if resuming:
+        target = _abstract(jax.eval_shape(steps.init, rng), steps.replicated)
+        state, meta = restore_checkpoint(manager, target)
         start = int(meta["step"])
         if meta.get("steps_per_epoch", spe) != spe or meta.get("global_batch_size", gbs) != gbs:
             raise CheckpointError(f"checkpoint {meta} was written with a different data split or batch "
@@ -723,6 +746,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
                      start, start // spe, start % spe)
         metrics.truncate_after(start)
     else:
+        state = steps.init(rng)
         metrics.truncate_after(-1)
         if primary:
             with open(config_path, "w") as f:
@@ -821,6 +845,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
         "images_per_sec": timed_images / train_time if train_time else None,
     }
     if stopped:
+        manager.close()
         return state, summary
     if last_eval is None:  # the run was already complete: evaluate the checkpoint
         last_eval = evaluate(steps, steps.to_device(state), test_split, global_batch_size=eval_bs)

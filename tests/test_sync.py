@@ -279,15 +279,19 @@ def test_pmap_axis_index_groups(ndev):
     """Two groups of four devices keep separate statistics, each exact."""
     x, scale, bias, _, state, _ = _inputs("none")
     groups = [[0, 2, 4, 6], [1, 3, 5, 7]]
+    w = _inputs("none")[3]
     f = jax.pmap(
-        lambda x: _bn(x, {"scale": scale, "bias": bias}, state, None, "d", axis_index_groups=groups),
+        lambda x, w: _grad_fn(axis_name="d", axis_index_groups=groups)(x, {"scale": scale, "bias": bias}, state, w, None),
         axis_name="d",
     )
-    y, st = f(_split(x))
+    (_, (y, st)), (dx, _) = f(_split(x), _split(w))
     for g in groups:
         xg = np.concatenate([_split(x)[i] for i in g])
+        wg = np.concatenate([_split(w)[i] for i in g])
         y_ref, mean, var, n = np_batch_norm(xg, scale, bias)
         assert rel_err(np.concatenate([y[i] for i in g]), y_ref) < RTOL["float32"]
+        dx_ref = np_grads(xg, scale, bias, wg)[0]
+        assert rel_err(np.concatenate([dx[i] for i in g]), dx_ref) < 1e-4
         m_ref, v_ref = np_ema(state.mean, state.var, mean, var, n, MOMENTUM)
         assert rel_err(st.mean[g[0]], m_ref) < RTOL["float32"]
         assert rel_err(st.var[g[-1]], v_ref) < RTOL["float32"]
