@@ -33,15 +33,29 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (several hosts)
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_bool("distributed", False, "Join a cluster found by JAX's auto-detection (SLURM, MPI, ...).")
 flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to join.")
-try:
+
+
+def _unknown_field(e: Exception):
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    sys.exit(f"train.py: error: unknown config field '{field}' in {overrides}: every --config.FIELD "
+             f"must exist in the config file's get_config()")
+
+
+try:  # ml_collections applies overrides of the default config file here...
     config_flags.DEFINE_config_file(
         "config", os.path.join(_HERE, "configs", "default.py"),
         "Training config: a configs/*.py file; override fields with --config.FIELD=VALUE.",
         lock_config=True)
-except (KeyError, AttributeError) as e:  # ml_collections applies the overrides here
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-    sys.exit(f"train.py: error: unknown config field {e} in {overrides}: every --config.FIELD "
-             f"must exist in the config file's get_config()")
+except (KeyError, AttributeError) as e:
+    _unknown_field(e)
+
+
+def _parse_flags(argv):
+    try:  # ...and those of a --config file given on the command line here.
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        _unknown_field(e)
 
 
 def _quiet_orbax(record) -> bool:
@@ -66,7 +80,6 @@ def main(argv):
     try:
         _, summary = train_lib.train_and_evaluate(config, workdir)
     except (train_lib.ConfigError, train_lib.CheckpointError, data.DataError) as e:
-        logging.error("%s", e)
         sys.exit(f"train.py: error: {e}")
     if summary["stopped"]:
         print(f"Stopped at step {summary['step']} (config.stop_after_steps); run again to resume.")
@@ -78,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

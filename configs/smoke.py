@@ -1,13 +1,21 @@
-r"""Smoke test: a tiny MLP on 512 Fashion-MNIST images, 16 steps, a few seconds on a CPU.
+r"""Smoke test: a tiny MLP on 512 Fashion-MNIST images, 16 steps, seconds on a CPU.
 
 Run:
 
   python train.py --config configs/smoke.py --workdir /tmp/jaxbn_smoke
 
-Expected result: finishes in seconds with "Final test accuracy" around 60-75 %
-on the first 300 test images (16 steps is far from converged; it only proves the
-pipeline: data, sync BN, checkpoints, metrics, plot). Used by tests/test_train.py
-and tests/test_multihost.py.
+Expected result: finishes in about 10-20 s (mostly compilation) with "Final
+test accuracy: 55.67%" on the first 300 test images (measured with 1 process x 8
+devices and 2 processes x 4 devices, identical). 16 steps is far from
+converged; it only proves the pipeline (data, synchronized BN, checkpoints,
+metrics, plot). Used by tests/test_train.py and tests/test_multihost.py.
+
+SGD rather than the default's Adam: the bias of the Dense layer before
+BatchNorm has an exactly zero gradient (BN cancels it), so its computed gradient
+is float rounding noise, which Adam normalizes into full-size steps. Runs that
+differ only in summation order (parallel modes, process layouts) would then
+disagree in that parameter and in the BN running mean; with SGD the noise moves
+nothing and the tests can compare runs to float precision.
 """
 
 from configs import default
@@ -21,7 +29,10 @@ def get_config():
     config.global_batch_size = 64
     config.eval_batch_size = 128
     config.num_epochs = 2  # 8 steps per epoch
+    config.optimizer = "sgd"
+    config.learning_rate = 0.05
+    config.momentum = 0.9
     config.log_every_steps = 4
-    config.checkpoint_every_steps = 3
+    config.checkpoint_every_steps = 5
     config.progress_bar = False
     return config

@@ -45,12 +45,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax
@@ -460,12 +459,20 @@ def _cached_steps(fields: tuple, num_classes: int, image_shape: tuple, steps_per
     model = create_model(config, num_classes)
     tx = create_optimizer(config, steps_per_epoch, total_steps)
     devices = {d.id: d for d in jax.devices()}
-    steps = make_steps(config, model, tx, image_shape, make_mesh([devices[i] for i in device_ids]))
+    mesh = make_mesh([devices[i] for i in device_ids])
+    steps = make_steps(config, model, tx, image_shape, mesh)
+    if config.parallel != "jit":
+        # Initialization runs no collective, so every mode can share one compiled init.
+        init_fields = tuple((k, "jit" if k == "parallel" else v) for k, v in fields)
+        init_steps, _ = _cached_steps(init_fields, num_classes, image_shape, steps_per_epoch,
+                                      total_steps, device_ids)
+        steps = dataclasses.replace(steps, init=init_steps.init)
     return steps, create_learning_rate_schedule(config, steps_per_epoch, total_steps)
 
 
 def _steps_for(config, num_classes, image_shape, steps_per_epoch, total_steps):
-    """`make_steps` for `config`, shared by runs in one process that compile the same steps."""
+    """`make_steps` for `config`, shared by runs in one process that compile the same steps
+    (tests, notebooks); jit's cache alone would not see that two runs' models are equal."""
     fields = tuple((f, config[f]) for f in _STEP_FIELDS)
     return _cached_steps(fields, num_classes, tuple(image_shape), steps_per_epoch, total_steps,
                          tuple(d.id for d in jax.devices()))
@@ -726,31 +733,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
 
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-    config_path = os.path.join(workdir, "config.json")
     metrics = _MetricsWriter(os.path.join(workdir, "metrics.jsonl"), primary)
-    resuming = manager.latest_step() is not None
-    if resuming:
-        _check_resume_config(config, config_path)
-
+    if manager.latest_step() is not None:  # before compiling anything
+        _check_resume_config(config, os.path.join(workdir, "config.json"))
     steps, schedule = _steps_for(config, ds.num_classes, ds.image_shape, spe, total)
-    rng = jax.random.key(config.seed)
-    start = 0
-    if resuming:
-        target = _abstract(jax.eval_shape(steps.init, rng), steps.replicated)
-        state, meta = restore_checkpoint(manager, target)
-        start = int(meta["step"])
-        if meta.get("steps_per_epoch", spe) != spe or meta.get("global_batch_size", gbs) != gbs:
-            raise CheckpointError(f"checkpoint {meta} was written with a different data split or batch "
-                                  f"size (now steps_per_epoch={spe}, global_batch_size={gbs})")
-        logging.info("Resuming from %s at step %d (epoch %d, step %d in epoch)", manager.directory,
-                     start, start // spe, start % spe)
-        metrics.truncate_after(start)
-    else:
-        state = steps.init(rng)
-        metrics.truncate_after(-1)
-        if primary:
-            with open(config_path, "w") as f:
-                json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+    state, start = _restore_or_init(config, workdir, manager, steps, metrics, spe)
     logging.info("%s (%s BN, %s) on %d device(s) x %d process(es); %d steps of %d images, "
                  "%d steps/epoch", config.model, config.norm, config.parallel, jax.device_count(),
                  pcount, total, gbs, spe)
@@ -801,7 +788,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
             for batch in batches:
                 if step == config.debug_nan_step:
                     batch["image"] = np.full_like(batch["image"], np.nan)
-                state, m = steps.train(state, steps.put_batch(batch))
+                batch = steps.put_batch(batch)
+                with jax.transfer_guard("disallow"):  # no implicit host<->device copies in the step
+                    state, m = steps.train(state, batch)
                 step += 1
                 window.append(m)
                 if window_t0 is None:  # exclude the first step (compilation) from the timings
@@ -837,9 +826,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
                     break
 
     state = steps.from_device(state)
-    nonfinite = int(steps.fetch(state.nonfinite_steps))
+    nonfinite = int(_local_value(state.nonfinite_steps))
     summary: Dict[str, Any] = {
-        "step": step, "stopped": stopped, "nonfinite_steps": nonfinite,
+        "step": step, "stopped": stopped, "nonfinite_steps": nonfinite, "model": config.model,
+        "norm": config.norm, "parallel": config.parallel, "devices": jax.device_count(),
+        "processes": pcount,
         "traces": dict(steps.traces), "wall_time_s": time.perf_counter() - t_start,
         "train_time_s": train_time,
         "images_per_sec": timed_images / train_time if train_time else None,
@@ -863,6 +854,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
                  summary["test_examples"], step)
     manager.close()
     return state, summary
+
+
+def _restore_or_init(config, workdir, manager, steps: Steps, metrics: _MetricsWriter, spe: int):
+    """The latest checkpoint's state and step, or a fresh state at step 0."""
+    rng = jax.random.key(config.seed)
+    if manager.latest_step() is None:
+        metrics.truncate_after(-1)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+        return steps.init(rng), 0
+    target = _abstract(jax.eval_shape(steps.init, rng), steps.replicated)
+    state, meta = restore_checkpoint(manager, target)
+    start, gbs = int(meta["step"]), config.global_batch_size
+    if meta.get("steps_per_epoch") != spe or meta.get("global_batch_size") != gbs:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{start} was written with steps_per_epoch="
+            f"{meta.get('steps_per_epoch')} and global_batch_size={meta.get('global_batch_size')}, this "
+            f"run has {spe} and {gbs}: use a new --workdir")
+    logging.info("Resuming from %s at step %d (epoch %d, step %d in epoch)", manager.directory, start,
+                 start // spe, start % spe)
+    metrics.truncate_after(start)  # records after the checkpoint will be written again
+    return state, start
 
 
 def _save(manager, step, state, spe, gbs, config):
