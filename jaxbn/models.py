@@ -94,7 +94,7 @@ ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3))
 
 
 class MLP(nn.Module):
-    """Test-only tiny model: Dense → BatchNorm → ReLU → Dense."""
+    """Test-only tiny model: Dense (no bias: BN removes it) → BatchNorm → ReLU → Dense."""
 
     num_classes: int = 10
     hidden: int = 16
@@ -103,7 +103,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = x.reshape((x.shape[0], -1))
-        x = nn.Dense(self.hidden, name="Dense_0")(x)
+        x = nn.Dense(self.hidden, use_bias=False, name="Dense_0")(x)
         x = nn.relu(self.norm(use_running_average=not train, name="BatchNorm_0")(x))
         return nn.Dense(self.num_classes, name="Dense_1")(x)
 
