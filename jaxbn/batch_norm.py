@@ -247,19 +247,37 @@ def _stat_dtype(dtype) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _view(a: jax.Array, lay: _Layout, k: int):
+    """`a` with k leading unit axes, with the reduced axes and a broadcast for that view.
+
+    XLA:CPU computes a reduction together with its elementwise producer (x - mean,
+    its square, dy·(x - mean)) in one pass only when no other expression uses that
+    producer; a shared producer is written to memory and read back. The forward's
+    Σ(x - mean)², the backward's Σdy·(x - mean) and the elementwise passes spell the
+    same x - mean, which common-subexpression elimination would merge, so each
+    reduction reads its own view: a reshape (free, a bitcast) of a distinct shape.
+    The arithmetic is unchanged, bit for bit.
+    """
+    pre = (1,) * k
+    red = tuple(range(k)) + tuple(r + k for r in lay.reduce_axes)
+    return jnp.reshape(a, pre + a.shape), red, lambda v: jnp.reshape(v, pre + lay.bshape)
+
+
 def _local_moments(x32: jax.Array, mask: Optional[jax.Array], lay: _Layout):
     """Per-device count, mean and M2 = Σ (x - mean)², each of the feature shape."""
     red = lay.reduce_axes
+    xv, red_v, b_v = _view(x32, lay, 1)  # private to the M2 pass (see _view)
     if mask is None:
         n = math.prod(x32.shape[a] for a in red)
         m = jnp.sum(x32, red) / max(n, 1)
-        m2 = jnp.sum(jnp.square(x32 - lay.b(m)), red)
+        m2 = jnp.sum(jnp.square(xv - b_v(m)), red_v)
         n = jnp.full(lay.feature_shape, n, x32.dtype)
     else:
         mb = jnp.broadcast_to(mask, x32.shape)
         n = jnp.sum(mb, red, dtype=x32.dtype)
         m = jnp.sum(jnp.where(mb, x32, 0), red) / jnp.maximum(n, 1)
-        m2 = jnp.sum(jnp.where(mb, jnp.square(x32 - lay.b(m)), 0), red)
+        mbv = _view(mb, lay, 1)[0]
+        m2 = jnp.sum(jnp.where(mbv, jnp.square(xv - b_v(m)), 0), red_v)
     return n, m, m2
 
 
@@ -426,7 +444,9 @@ def _train_bwd(cfg: _Config, res, cts):
     dt = mean.dtype
     x32, dy32 = x.astype(dt), dy.astype(dt)
     xc = x32 - lay.b(mean)
-    s = jnp.stack([jnp.sum(dy32, lay.reduce_axes), jnp.sum(dy32 * xc, lay.reduce_axes)])
+    xv, red_v, b_v = _view(x32, lay, 2)  # private to this reduction (see _view)
+    dyv = _view(dy32, lay, 2)[0]
+    s = jnp.stack([jnp.sum(dy32, lay.reduce_axes), jnp.sum(dyv * (xv - b_v(mean)), red_v)])
     s_global = s if cfg.names is None else jax.lax.psum(s, cfg.names, axis_index_groups=cfg.groups)
     s1, s2 = s_global[0], s_global[1]
     inv = jax.lax.rsqrt(var + cfg.epsilon)
@@ -438,12 +458,24 @@ def _train_bwd(cfg: _Config, res, cts):
         corr = jnp.where(mask, corr, 0)
     dx = (dy32 * lay.b(a) - corr).astype(x.dtype)
 
-    checked = cfg.names is not None and set(cfg.names) <= _varying(x)
+    # Under shard_map's type checks a parameter's cotangent must vary over exactly
+    # the axes the parameter varies over; autodiff of the same math would sum the
+    # per-device contributions over the others (the transpose of the implicit
+    # pvary). The sums over `names` are already global; any other axis x varies
+    # over but the parameter does not (e.g. axis_name=None inside shard_map) is
+    # summed here. Outside such checks (pmap, vmap, check_vma=False) the varying
+    # sets are empty and the device's own sums are returned.
+    vx = _varying(x)
+    synced = cfg.names is not None and set(cfg.names) <= vx
 
     def param_ct(p, local, glob):
         if p is None:
             return None
-        g = glob if checked and not set(cfg.names) <= _varying(p) else local
+        vp = _varying(p)
+        g, have = (glob, vx - set(cfg.names)) if synced and not set(cfg.names) <= vp else (local, vx)
+        extra = tuple(sorted(have - vp))
+        if extra:
+            g = jax.lax.psum(g, extra)
         return g.astype(p.dtype)
 
     dscale = param_ct(scale, s[1] * inv, s2 * inv)

@@ -1,0 +1,210 @@
+r"""Synchronized BatchNorm on 8 virtual CPU devices: collectives per layer and step-time overhead.
+
+  python benchmarks/sync.py            # (re-executes with --xla_force_host_platform_device_count=8)
+
+For one BN layer (training forward + VJP for a random cotangent, gradients for x,
+scale and bias) at equal per-device batch:
+
+* collectives: counted in the program JAX emits (StableHLO: all_reduce /
+  all_gather / reduce_scatter / collective_permute ops) and in the program XLA
+  compiles (after its combiners), for the forward alone and for forward+backward
+  (backward = the difference). Under shard_map with checked types a replicated
+  parameter's gradient is summed over devices by autodiff; that all-reduce is
+  counted too (it exists with or without synchronized statistics).
+* step time: the synchronized layer (``axis_name='batch'``) against the same
+  layer with per-device statistics (``axis_name=None``), under ``shard_map`` and
+  ``pmap``, interleaved round by round; overhead = median per-round ratio - 1.
+  Flax Linen's synchronized BatchNorm is measured the same way for reference.
+
+All 8 "devices" share this machine's 2 cores, so the absolute times are those of
+8 small layers run concurrently; the ratios are what this measures.
+Results: results/sync.json and results/sync.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common  # noqa: E402
+
+NDEV = 8
+SHAPES = {  # per-device shapes (global batch = 8 x the first dimension)
+    "cnn": (16, 26, 26, 32),  # the article's CNN at global batch 128
+    "resnet-s1": (16, 32, 32, 16),  # ResNet-20 stage 1 at global batch 128
+    "resnet-s3": (16, 8, 8, 64),
+    "dram-56": (8, 56, 56, 64),  # 64x56x56x64 global: 6.4 MB per device
+}
+COLL_STABLEHLO = ("stablehlo.all_reduce", "stablehlo.all_gather", "stablehlo.reduce_scatter",
+                  "stablehlo.collective_permute", "stablehlo.all_to_all")
+COLL_HLO = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def count_stablehlo(text: str) -> int:
+    return sum(text.count(op) for op in COLL_STABLEHLO)
+
+
+def count_hlo(text: str) -> int:
+    """Collective ops in the compiled module (an async pair ``*-start``/``*-done`` counts once)."""
+    n = 0
+    for line in text.splitlines():
+        m = re.search(r"=\s*(?:\([^)]*\)|\S+)\s+([\w-]+)\(", line)
+        if not m:
+            continue
+        op = m.group(1)
+        op = op[:-len("-start")] if op.endswith("-start") else op
+        n += op in COLL_HLO
+    return n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--default-allocator", action="store_true")
+    args = ap.parse_args(argv)
+    env_add = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={NDEV}"}
+    if not args.default_allocator:
+        env_add["GLIBC_TUNABLES"] = _common.RECOMMENDED_GLIBC_TUNABLES
+    _common.ensure_env(env_add)
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxbn
+
+    if jax.device_count() < NDEV:
+        sys.exit(f"sync.py needs {NDEV} devices, found {jax.device_count()}: run it as a script "
+                 f"(it sets XLA_FLAGS=--xla_force_host_platform_device_count={NDEV})")
+    env = _common.environment()
+    print(f"# sync: {jax.device_count()} x {env['device_kind']}, load {env['loadavg_start']}", flush=True)
+    mesh = jax.make_mesh((NDEV,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = NamedSharding(mesh, P("batch"))
+    repl = NamedSharding(mesh, P())
+
+    def layer(kind, sync, api_="shard_map"):
+        """(x, scale, bias) -> y on one device's slice."""
+        name = "batch" if sync else None
+        if kind == "jaxbn":
+            def f(x, s, b):
+                C = x.shape[-1]
+                if not sync and api_ == "shard_map":
+                    # Workaround: with axis_name=None under shard_map's checked types, jaxbn's
+                    # backward returns device-varying parameter cotangents for replicated
+                    # parameters and JAX rejects them; marking the parameters varying makes
+                    # autodiff psum their gradients (one all-reduce, as Flax's autodiff does).
+                    s, b = jax.lax.pcast((s, b), "batch", to="varying")
+                return jaxbn.batch_norm(x, {"scale": s, "bias": b}, jaxbn.init_state(C), training=True,
+                                        momentum=0.99, axis_name=name)[0]
+        else:
+            mod = nn.BatchNorm(use_running_average=False, momentum=0.99, axis_name=name)
+
+            def f(x, s, b):
+                C = x.shape[-1]
+                bs = {"mean": jnp.zeros((C,)), "var": jnp.ones((C,))}
+                return mod.apply({"params": {"scale": s, "bias": b}, "batch_stats": bs}, x,
+                                 mutable=["batch_stats"])[0]
+        return f
+
+    def fwd_bwd(f):
+        def g(x, dy, s, b):
+            y, vjp = jax.vjp(f, x, s, b)
+            return (y,) + tuple(vjp(dy))
+        return g
+
+    def shard_map_fns(kind, sync):
+        f = layer(kind, sync)
+        specs = dict(mesh=mesh, in_specs=(P("batch"), P("batch"), P(), P()),
+                     out_specs=(P("batch"), P("batch"), P(), P()))
+        full = jax.jit(jax.shard_map(fwd_bwd(f), **specs))
+        fwd = jax.jit(jax.shard_map(lambda x, dy, s, b: f(x, s, b), **dict(specs, out_specs=P("batch"))))
+        return full, fwd
+
+    def pmap_fns(kind, sync):
+        f = layer(kind, sync, "pmap")
+
+        def g(x, dy, s, b):
+            y, dx, ds, db = fwd_bwd(f)(x, dy, s, b)
+            return y, dx, ds, db  # per-device parameter gradients, as under pmap's conventions
+
+        return (jax.pmap(g, axis_name="batch", in_axes=(0, 0, None, None)),
+                jax.pmap(lambda x, dy, s, b: f(x, s, b), axis_name="batch", in_axes=(0, 0, None, None)))
+
+    results = {"environment": env, "devices": NDEV, "shapes": {}, "collectives": {}}
+    for sname in args.shapes:
+        shape = SHAPES[sname]
+        gshape = (NDEV * shape[0],) + shape[1:]
+        C = shape[-1]
+        x = jax.device_put(jax.random.normal(jax.random.key(0), gshape) * 2 + 0.5, shard)
+        dy = jax.device_put(jax.random.normal(jax.random.key(1), gshape), shard)
+        s = jax.device_put(jnp.linspace(0.5, 1.5, C), repl)
+        b = jax.device_put(jnp.linspace(-1, 1, C), repl)
+        to_p = jax.pmap(lambda a: a)
+        xp, dyp = to_p(x.reshape((NDEV,) + shape)), to_p(dy.reshape((NDEV,) + shape))
+        cands, coll = {}, {}
+        for api in ("shard_map", "pmap"):
+            for kind in ("jaxbn", "flax"):
+                for sync in (True, False):
+                    full, fwd = (shard_map_fns if api == "shard_map" else pmap_fns)(kind, sync)
+                    args_ = (x, dy, s, b) if api == "shard_map" else (xp, dyp, s, b)
+                    key = f"{api}/{kind}/{'sync' if sync else 'local'}"
+                    lf, lw = full.lower(*args_), fwd.lower(*args_)
+                    c_full = count_stablehlo(lf.as_text())
+                    c_fwd = count_stablehlo(lw.as_text())
+                    h_full = count_hlo(lf.compile().as_text())
+                    h_fwd = count_hlo(lw.compile().as_text())
+                    coll[key] = {"emitted_fwd": c_fwd, "emitted_bwd": c_full - c_fwd, "compiled_fwd": h_fwd,
+                                 "compiled_bwd": h_full - h_fwd}
+                    cands[key] = (lambda full=full, a=args_: full(*a))
+        # correctness: synchronized jaxbn equals the single-device layer on the global batch
+        ref = jaxbn.batch_norm(np.asarray(x), {"scale": np.asarray(s), "bias": np.asarray(b)},
+                               jaxbn.init_state(C), training=True)[0]
+        got = np.asarray(cands["shard_map/jaxbn/sync"]()[0])
+        err = float(np.max(np.abs(got - np.asarray(ref))))
+        smp = _common.interleave(cands, rounds=args.rounds, warmup=2, budget_s=40)
+        row = {"per_device_shape": shape, "global_shape": gshape, "max_abs_err_vs_single_device": err,
+               "median_s": {k: float(np.median(v)) for k, v in smp.items()}, "overhead": {}}
+        for api in ("shard_map", "pmap"):
+            for kind in ("jaxbn", "flax"):
+                row["overhead"][f"{api}/{kind}"] = _common.ratio(smp, f"{api}/{kind}/sync", f"{api}/{kind}/local") - 1
+            row[f"{api}/jaxbn_sync_vs_flax_sync"] = _common.ratio(smp, f"{api}/flax/sync", f"{api}/jaxbn/sync")
+        results["shapes"][sname] = row
+        results["collectives"] = coll  # the same for every shape
+        print(f"{sname:10s} err {err:.1e} " + "  ".join(
+            f"{k}: +{v:.0%}" for k, v in row["overhead"].items()), flush=True)
+
+    rows = [[k, v["emitted_fwd"], v["emitted_bwd"], v["compiled_fwd"], v["compiled_bwd"]]
+            for k, v in results["collectives"].items()]
+    t1 = _common.fmt_table(["API/layer/statistics", "emitted fwd", "emitted bwd", "compiled fwd", "compiled bwd"],
+                           rows)
+    rows = []
+    for sname, r in results["shapes"].items():
+        rows.append([f"{sname} {'×'.join(map(str, r['per_device_shape']))}"] + [
+            f"{r['median_s'][f'{api}/{kind}/sync'] * 1e3:.2f} ms (+{r['overhead'][f'{api}/{kind}']:.0%})"
+            for api in ("shard_map", "pmap") for kind in ("jaxbn", "flax")] + [
+            f"×{r['shard_map/jaxbn_sync_vs_flax_sync']:.2f}"])
+    t2 = _common.fmt_table(["per-device shape", "shard_map jaxbn", "shard_map flax", "pmap jaxbn", "pmap flax",
+                            "jaxbn vs flax (sync, shard_map)"], rows)
+    md = (f"Collectives per BN layer (8 devices; emitted = in JAX's program, compiled = after XLA):\n\n{t1}\n\n"
+          f"Synchronized layer time (fwd+bwd) and overhead over the same layer with per-device statistics "
+          f"(median of per-round ratios):\n\n{t2}\n")
+    print(md)
+    path = _common.save_json("sync.json", results)
+    with open(os.path.join(_common.RESULTS, "sync.md"), "w") as f:
+        f.write(f"Command: `python benchmarks/sync.py {' '.join(sys.argv[1:])}`; load {env['loadavg_start']}.\n\n{md}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
