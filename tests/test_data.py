@@ -3,6 +3,7 @@
 import builtins
 import gzip
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -427,3 +428,34 @@ def test_module_imports_only_numpy_and_stdlib():
             " if k in sys.modules]\n"
             "assert not bad, bad\n") % data.__file__
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tfds_code_path_with_a_stand_in_module(monkeypatch):
+    """The TFDS branch, offline and without TensorFlow: a stand-in for the two tfds calls
+    jaxbn makes (`load(..., batch_size=-1, with_info=True)` and `as_numpy`)."""
+    import types
+
+    rng = np.random.default_rng(0)
+    fake_splits = {
+        "train": {"image": rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 10, 6)},
+        "test": {"image": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 10, 4)},
+    }
+    calls = []
+
+    def load(name, *, split, batch_size, as_supervised, with_info, data_dir):
+        calls.append((name, tuple(split), batch_size, as_supervised, with_info))
+        info = types.SimpleNamespace(features={"label": types.SimpleNamespace(num_classes=10)})
+        return [fake_splits[s] for s in split], info
+
+    fake = types.SimpleNamespace(load=load, as_numpy=lambda d: d)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+    ds = data.load_dataset("tfds:cifar10")
+    assert calls == [("cifar10", ("train", "test"), -1, False, True)]
+    assert ds.name == "tfds:cifar10" and ds.num_classes == 10 and ds.image_shape == (32, 32, 3)
+    np.testing.assert_array_equal(ds.train["image"], fake_splits["train"]["image"])
+    assert ds.test["label"].dtype == np.int32
+    batch = next(data.train_batches(ds.train, global_batch_size=2, seed=0, epoch=0))
+    assert batch["image"].shape == (2, 32, 32, 3) and batch["image"].dtype == np.float32
+    fake_splits["test"] = {"image": fake_splits["test"]["image"].astype(np.float32), "label": fake_splits["test"]["label"]}
+    with pytest.raises(data.DataError, match="tfds:cifar10 test: expected uint8 images"):
+        data.load_dataset("tfds:cifar10")

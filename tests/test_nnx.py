@@ -63,3 +63,17 @@ def test_view_and_call_override():
     y = frozen(x)
     assert rel_err(y, x / np.sqrt(1 + 1e-5)) < RTOL["float32"]
     assert rel_err(ours(x, use_running_average=True), y) < RTOL["float32"]
+
+
+def test_frozen_batch_norm_for_fine_tuning():
+    """Running statistics, not updated; no gradient to scale and bias."""
+    m = bnnx.BatchNorm(5, use_running_average=True, trainable_params=False, rngs=nnx.Rngs(0))
+    m.mean[...] = jnp.arange(5.0)
+    m.var[...] = jnp.linspace(0.5, 2.0, 5)
+    x = _x()
+    g_model, g_x = nnx.grad(lambda m, x: jnp.sum(m(x) ** 2), argnums=(0, 1))(m, x)
+    assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(nnx.state(g_model, nnx.Param)))
+    assert float(jnp.abs(g_x).max()) > 0
+    ref = (x - np.arange(5.0)) / np.sqrt(np.linspace(0.5, 2.0, 5) + 1e-5)
+    assert rel_err(m(x), ref) < RTOL["float32"]
+    np.testing.assert_array_equal(m.mean[...], np.arange(5.0))
