@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn.batch_norm import BatchNormState, _check_x, _layout, batch_norm
+from jaxbn._adapter import apply_batch_norm
+from jaxbn.batch_norm import BatchNormState, _check_x, _layout
 
 __all__ = ["BatchNorm"]
 
@@ -108,37 +109,20 @@ class BatchNorm(nn.Module):
             params["scale"] = self.param("scale", self.scale_init, fshape, self.param_dtype)
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, fshape, self.param_dtype)
-        if not self.trainable_params:
-            params = jax.lax.stop_gradient(params)
-        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
-
         initializing = self.is_initializing()
         axis_name = self.axis_name
         if initializing and axis_name is not None and not _is_bound(axis_name):
             axis_name = None
-        training = not use_running_average
-        update = training if self.update_stats is None else self.update_stats
         state = BatchNormState(
             mean=ra_mean.value,
             var=ra_var.value,
             count=count.value if count is not None else jnp.zeros((), jnp.int32),
         )
-        y, new = batch_norm(
-            x,
-            params or None,
-            state,
-            training=training,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis_name=axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            update_stats=update and not initializing,
-            unbiased_running_var=self.unbiased_running_var,
-            dtype=dtype,
+        y, new = apply_batch_norm(
+            self, x, params, state, use_running_average=use_running_average, axis_name=axis_name, mask=mask,
+            allow_update=not initializing,
         )
-        if update and not initializing:
+        if new is not None:
             ra_mean.value = new.mean
             ra_var.value = new.var
             if count is not None:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn.batch_norm import BatchNormState, _as_shape, batch_norm
+from jaxbn._adapter import apply_batch_norm
+from jaxbn.batch_norm import BatchNormState, _as_shape
 
 __all__ = ["BatchNorm"]
 
@@ -98,33 +99,16 @@ class BatchNorm(nnx.Module):
             params["scale"] = self.scale[...]
         if self.bias is not None:
             params["bias"] = self.bias[...]
-        if not self.trainable_params:
-            params = jax.lax.stop_gradient(params)
-        x = jnp.asarray(x)
-        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
-        training = not use_running_average
-        update = training if self.update_stats is None else self.update_stats
         state = BatchNormState(
             mean=self.mean[...],
             var=self.var[...],
             count=self.count[...] if self.count is not None else jnp.zeros((), jnp.int32),
         )
-        y, new = batch_norm(
-            x,
-            params or None,
-            state,
-            training=training,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            update_stats=update,
-            unbiased_running_var=self.unbiased_running_var,
-            dtype=dtype,
+        y, new = apply_batch_norm(
+            self, jnp.asarray(x), params, state, use_running_average=use_running_average,
+            axis_name=self.axis_name, mask=mask,
         )
-        if update:
+        if new is not None:
             self.mean[...] = new.mean
             self.var[...] = new.var
             if self.count is not None:
