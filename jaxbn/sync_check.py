@@ -143,7 +143,7 @@ def _linen_step(model, variables, axis_name, apply_kwargs, seen, seed):
         inter = {
             _path_str(p): v
             for p, v in jax.tree_util.tree_flatten_with_path(upd.get("intermediates", {}))[0]
-            if jnp.ndim(v) >= 1
+            if jnp.ndim(v) >= 1 and _path_str(p[:1]) != "__call__"  # the model output is compared already
         }
         return out, inter, _stack(upd.get("batch_stats", {})), _stack(grads)
 
