@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -35,7 +35,6 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = [
     "BatchNormState",

@@ -139,9 +139,7 @@ def fold_batch_norms(model: nn.Module, variables: dict, x: jax.typing.ArrayLike,
         raise ValueError(f"model must have a `norm` field (a BatchNorm factory), got {type(model).__name__}")
     apply_kwargs = {"train": False} if apply_kwargs is None else apply_kwargs
     pairs = _trace_pairs(model, variables, x, apply_kwargs)
-    params = jax.tree.map(lambda a: a, dict(variables["params"]))
-    params = jax.tree_util.tree_map(np.asarray, params)
-    params = _unfreeze(params)
+    params = _unfreeze(jax.tree.map(np.asarray, variables["params"]))  # a mutable host copy
     report = FoldReport({}, {})
     for bn_path, src, bn in pairs:
         bn_params = _get(params, bn_path)

@@ -1,6 +1,5 @@
 """jaxbn.linen.BatchNorm against flax.linen.BatchNorm and the float64 oracle."""
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import jaxbn
 from jaxbn import linen as bl
 from jaxbn.models import CNN, MLP, ResNet20
 from oracle import RTOL, np_batch_norm, np_moments, rel_err
