@@ -156,6 +156,41 @@ def test_low_precision_inputs(dtype):
     assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g)))
 
 
+def _x_sized_kernel_outputs(hlo_text: str, shape) -> list:
+    """'dtype[shape] name' of each kernel of the compiled entry computation that writes x's shape."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    array = "[" + ",".join(map(str, shape)) + "]"
+    out = []
+    for line in entry.splitlines()[1:]:
+        name, _, rhs = line.partition(" = ")
+        parts = rhs.split("(", 1)[0].split()  # e.g. ['f32[16,6,6,8]{3,2,1,0}', 'fusion']
+        if len(parts) == 2 and array in parts[0] and parts[1] not in ("parameter", "bitcast", "get-tuple-element"):
+            out.append(f"{parts[0].split('{')[0]} {name.strip()}")
+    return out
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU kernels")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_layer_writes_no_x_sized_temporary(dtype):
+    # The layer's traffic: every reduction streams x (and dy) in the input's own dtype
+    # through its own optimization barrier; the only x-sized arrays the compiled
+    # forward+backward writes are y and dx. A shared float32 copy of x or dy, or a
+    # materialized x - mean, would show up here (jaxbn/batch_norm.py, _private).
+    shape = (16, 6, 6, 8)
+    x = jnp.asarray(_data(shape, 3.0, 2.0), dtype)
+    dy = jnp.asarray(_data(shape, 0.0, 1.0, 1), dtype)
+    params = jaxbn.init_params(8)
+
+    def f(x, dy, params):
+        y, vjp = jax.vjp(lambda x, p: jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True)[0], x, params)
+        return y, vjp(dy)
+
+    hlo = jax.jit(f).lower(x, dy, params).compile().as_text()
+    written = _x_sized_kernel_outputs(hlo, shape)
+    name = jnp.dtype(dtype).name.replace("bfloat16", "bf16").replace("float32", "f32")
+    assert len(written) == 2 and all(w.startswith(name) for w in written), written
+
+
 def test_non_finite_batch_never_reaches_state():
     x = _data((8, 3))
     x[2, 1] = np.nan
