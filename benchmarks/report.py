@@ -42,6 +42,10 @@ def build() -> str:
     md = _read("sync.md")
     if md:
         parts += ["### Synchronized BN, 8 virtual CPU devices (`sync.py`)", "", md.strip(), ""]
+    md = _read("sync_2dev.md")
+    if md:
+        parts += ["### Synchronized BN, 2 virtual CPU devices, one per core (`sync.py --devices 2`)", "",
+                  md.strip(), ""]
     md = _read("cpu_settings.md")
     if md:
         parts += ["### CPU settings (`cpu_settings.py`)", "", md.strip(), ""]

@@ -3,7 +3,7 @@
 # the README's results section. About 12 minutes on 2 CPU cores; cpu_settings.py
 # (another ~25 minutes) only with --settings.
 #
-#   bash benchmarks/run_all.sh              # bn_layer, train_step, sync, report
+#   bash benchmarks/run_all.sh              # bn_layer, train_step, sync (8 and 2 devices), report
 #   bash benchmarks/run_all.sh --settings   # also the CPU-settings study and train.py timings
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" benchmarks/bn_layer.py
 "$PY" benchmarks/train_step.py
 "$PY" benchmarks/sync.py
+"$PY" benchmarks/sync.py --devices 2
 if [ "${1:-}" = "--settings" ]; then
   "$PY" benchmarks/cpu_settings.py --quick --train-py
 fi

@@ -1,6 +1,7 @@
 r"""Synchronized BatchNorm on 8 virtual CPU devices: collectives per layer and step-time overhead.
 
-  python benchmarks/sync.py            # (re-executes with --xla_force_host_platform_device_count=8)
+  python benchmarks/sync.py              # (re-executes with --xla_force_host_platform_device_count=8)
+  python benchmarks/sync.py --devices 2  # as many devices as this machine has cores
 
 For one BN layer (training forward + VJP for a random cotangent, gradients for x,
 scale and bias) at equal per-device batch:
@@ -17,8 +18,12 @@ scale and bias) at equal per-device batch:
   Flax Linen's synchronized BatchNorm is measured the same way for reference.
 
 All 8 "devices" share this machine's 2 cores, so the absolute times are those of
-8 small layers run concurrently; the ratios are what this measures.
-Results: results/sync.json and results/sync.md.
+8 small layers run concurrently; the ratios are what this measures. With more
+devices than cores a collective also makes every device wait for the slowest of
+8 threads time-sharing 2 cores, which the per-device-statistics baseline never
+does; ``--devices 2`` (one device per core) separates that from the cost of the
+collectives themselves. Results: results/sync.json and results/sync.md
+(``sync_<N>dev.*`` for other device counts).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ sys.path.insert(0, HERE)
 
 import _common  # noqa: E402
 
-NDEV = 8
+NDEV = 8  # default; --devices
 SHAPES = {  # per-device shapes (global batch = 8 x the first dimension)
     "cnn": (16, 26, 26, 32),  # the article's CNN at global batch 128
     "resnet-s1": (16, 32, 32, 16),  # ResNet-20 stage 1 at global batch 128
@@ -66,10 +71,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--devices", type=int, default=NDEV, help="virtual CPU devices (default 8)")
     ap.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--default-allocator", action="store_true")
     args = ap.parse_args(argv)
-    env_add = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={NDEV}"}
+    ndev = args.devices
+    env_add = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={ndev}"}
     if not args.default_allocator:
         env_add["GLIBC_TUNABLES"] = _common.RECOMMENDED_GLIBC_TUNABLES
     _common.ensure_env(env_add)
@@ -83,12 +90,12 @@ def main(argv=None):
 
     import jaxbn
 
-    if jax.device_count() < NDEV:
-        sys.exit(f"sync.py needs {NDEV} devices, found {jax.device_count()}: run it as a script "
-                 f"(it sets XLA_FLAGS=--xla_force_host_platform_device_count={NDEV})")
+    if jax.device_count() < ndev:
+        sys.exit(f"sync.py needs {ndev} devices, found {jax.device_count()}: run it as a script "
+                 f"(it sets XLA_FLAGS=--xla_force_host_platform_device_count={ndev})")
     env = _common.environment()
     print(f"# sync: {jax.device_count()} x {env['device_kind']}, load {env['loadavg_start']}", flush=True)
-    mesh = jax.make_mesh((NDEV,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((ndev,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     shard = NamedSharding(mesh, P("batch"))
     repl = NamedSharding(mesh, P())
 
@@ -99,10 +106,8 @@ def main(argv=None):
             def f(x, s, b):
                 C = x.shape[-1]
                 if not sync and api_ == "shard_map":
-                    # Workaround: with axis_name=None under shard_map's checked types, jaxbn's
-                    # backward returns device-varying parameter cotangents for replicated
-                    # parameters and JAX rejects them; marking the parameters varying makes
-                    # autodiff psum their gradients (one all-reduce, as Flax's autodiff does).
+                    # Per-device statistics: the parameters' gradients are summed over
+                    # devices by autodiff (one all-reduce, as for Flax's local layer).
                     s, b = jax.lax.pcast((s, b), "batch", to="varying")
                 return jaxbn.batch_norm(x, {"scale": s, "bias": b}, jaxbn.init_state(C), training=True,
                                         momentum=0.99, axis_name=name)[0]
@@ -140,17 +145,17 @@ def main(argv=None):
         return (jax.pmap(g, axis_name="batch", in_axes=(0, 0, None, None)),
                 jax.pmap(lambda x, dy, s, b: f(x, s, b), axis_name="batch", in_axes=(0, 0, None, None)))
 
-    results = {"environment": env, "devices": NDEV, "shapes": {}, "collectives": {}}
+    results = {"environment": env, "devices": ndev, "shapes": {}, "collectives": {}}
     for sname in args.shapes:
         shape = SHAPES[sname]
-        gshape = (NDEV * shape[0],) + shape[1:]
+        gshape = (ndev * shape[0],) + shape[1:]
         C = shape[-1]
         x = jax.device_put(jax.random.normal(jax.random.key(0), gshape) * 2 + 0.5, shard)
         dy = jax.device_put(jax.random.normal(jax.random.key(1), gshape), shard)
         s = jax.device_put(jnp.linspace(0.5, 1.5, C), repl)
         b = jax.device_put(jnp.linspace(-1, 1, C), repl)
         to_p = jax.pmap(lambda a: a)
-        xp, dyp = to_p(x.reshape((NDEV,) + shape)), to_p(dy.reshape((NDEV,) + shape))
+        xp, dyp = to_p(x.reshape((ndev,) + shape)), to_p(dy.reshape((ndev,) + shape))
         cands, coll = {}, {}
         for api in ("shard_map", "pmap"):
             for kind in ("jaxbn", "flax"):
@@ -195,12 +200,13 @@ def main(argv=None):
             f"×{r['shard_map/jaxbn_sync_vs_flax_sync']:.2f}"])
     t2 = _common.fmt_table(["per-device shape", "shard_map jaxbn", "shard_map flax", "pmap jaxbn", "pmap flax",
                             "jaxbn vs flax (sync, shard_map)"], rows)
-    md = (f"Collectives per BN layer (8 devices; emitted = in JAX's program, compiled = after XLA):\n\n{t1}\n\n"
+    md = (f"Collectives per BN layer ({ndev} devices; emitted = in JAX's program, compiled = after XLA):\n\n{t1}\n\n"
           f"Synchronized layer time (fwd+bwd) and overhead over the same layer with per-device statistics "
           f"(median of per-round ratios):\n\n{t2}\n")
     print(md)
-    path = _common.save_json("sync.json", results)
-    with open(os.path.join(_common.RESULTS, "sync.md"), "w") as f:
+    stem = "sync" if ndev == NDEV else f"sync_{ndev}dev"
+    path = _common.save_json(f"{stem}.json", results)
+    with open(os.path.join(_common.RESULTS, f"{stem}.md"), "w") as f:
         f.write(f"Command: `python benchmarks/sync.py {' '.join(sys.argv[1:])}`; load {env['loadavg_start']}.\n\n{md}")
     print(f"wrote {path}")
     return 0

@@ -8,8 +8,10 @@ One jitted step of `jaxbn.models` (the article's CNN on 28×28×1, ResNet-20 on
 running statistics and the optimizer update; the whole train state is donated,
 as in train.py. The batch lives on the device (data loading is not timed). Norms:
 ``jaxbn.linen.BatchNorm`` and ``flax.linen.BatchNorm`` (both momentum 0.9, eps
-1e-5), plus ``jaxbn+patch`` (jaxbn.linen on the core with proposed_core.patch)
-when the patch applies. The candidates alternate round by round; each sample is
+1e-5), plus ``none`` (the identity in place of every BN layer: the step with
+normalization removed, whose speed over Flax's step is the ceiling of what any
+BatchNorm could gain end to end) and ``jaxbn+patch`` (jaxbn.linen on the core
+with proposed_core.patch) when that file exists and applies. The candidates alternate round by round; each sample is
 `steps` consecutive steps; images/s is the median over rounds and the ratio the
 median of per-round ratios.
 
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import os
 import sys
+from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -30,7 +33,7 @@ sys.path.insert(0, HERE)
 import _common  # noqa: E402
 
 MODELS = {"cnn": ((28, 28, 1), 10), "resnet20": ((32, 32, 3), 10)}
-NORMS = ("jaxbn", "flax", "jaxbn+patch")
+NORMS = ("jaxbn", "flax", "none", "jaxbn+patch")
 
 
 @contextlib.contextmanager
@@ -51,6 +54,25 @@ def _core(norm):
         jl.batch_norm, jl.BatchNormState = saved
 
 
+def _no_norm():
+    """A module taking BatchNorm's arguments that returns its input unchanged."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class NoNorm(nn.Module):
+        use_running_average: Optional[bool] = None
+        momentum: float = 0.99
+        epsilon: float = 1e-5
+        scale_init: Any = None
+
+        @nn.compact
+        def __call__(self, x, use_running_average=None):
+            self.variable("batch_stats", "unused", jnp.zeros, ())  # the train step expects the collection
+            return x
+
+    return NoNorm
+
+
 def build(model_name: str, norm: str, batch: int = 128, seed: int = 0):
     """(compiled step, initial state, batch, temp bytes) for one model and norm."""
     import functools
@@ -63,7 +85,7 @@ def build(model_name: str, norm: str, batch: int = 128, seed: int = 0):
     import jaxbn.linen
     from jaxbn import models
 
-    cls = nn.BatchNorm if norm == "flax" else jaxbn.linen.BatchNorm
+    cls = {"flax": nn.BatchNorm, "none": _no_norm()}.get(norm, jaxbn.linen.BatchNorm)
     norm_f = functools.partial(cls, momentum=0.9, epsilon=1e-5)
     shape, ncls = MODELS[model_name]
     model = models.MODELS[model_name](num_classes=ncls, norm=norm_f)
