@@ -285,10 +285,23 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout):
         n = jnp.full(lay.feature_shape, n, dt)
     else:
         n = jnp.sum(jnp.broadcast_to(mask, x.shape), red, dtype=dt)
+        # Reduced axes along which the mask is constant (e.g. H, W for a per-example
+        # mask) are summed first, without the mask; the mask then selects among the
+        # partial sums. XLA:CPU's reductions do not absorb a select, so masking x
+        # itself would write a masked copy of x for each pass. Partial sums of
+        # masked-out entries may be anything (even NaN): they are selected away.
+        k = (1,) * (x.ndim - mask.ndim) + mask.shape
+        inner = tuple(a for a in red if k[a] == 1)
+
+        def masked_sum(v, keep):
+            if inner:
+                v = jnp.sum(v, inner, keepdims=True)
+            return jnp.sum(jnp.where(keep, v, 0), red)
+
         xa, ka = _private(x, mask)
-        m = jnp.sum(jnp.where(ka, xa.astype(dt), 0), red) / jnp.maximum(n, 1)
+        m = masked_sum(xa.astype(dt), ka) / jnp.maximum(n, 1)
         xb, kb, mb = _private(x, mask, m)
-        m2 = jnp.sum(jnp.where(kb, jnp.square(xb.astype(dt) - b(mb)), 0), red)
+        m2 = masked_sum(jnp.square(xb.astype(dt) - b(mb)), kb)
     return n, m, m2
 
 

@@ -170,8 +170,9 @@ def _x_sized_kernel_outputs(hlo_text: str, shape) -> list:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU kernels")
+@pytest.mark.parametrize("masked", [False, True], ids=["", "per_example_mask"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_training_layer_writes_no_x_sized_temporary(dtype):
+def test_training_layer_writes_no_x_sized_temporary(dtype, masked):
     # The layer's traffic: every reduction streams x (and dy) in the input's own dtype
     # through its own optimization barrier; the only x-sized arrays the compiled
     # forward+backward writes are y and dx. A shared float32 copy of x or dy, or a
@@ -180,15 +181,46 @@ def test_training_layer_writes_no_x_sized_temporary(dtype):
     x = jnp.asarray(_data(shape, 3.0, 2.0), dtype)
     dy = jnp.asarray(_data(shape, 0.0, 1.0, 1), dtype)
     params = jaxbn.init_params(8)
+    mask = jnp.arange(16).reshape(16, 1, 1, 1) < 11 if masked else None
 
     def f(x, dy, params):
-        y, vjp = jax.vjp(lambda x, p: jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True)[0], x, params)
+        y, vjp = jax.vjp(lambda x, p: jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True, mask=mask)[0],
+                         x, params)
         return y, vjp(dy)
 
     hlo = jax.jit(f).lower(x, dy, params).compile().as_text()
     written = _x_sized_kernel_outputs(hlo, shape)
     name = jnp.dtype(dtype).name.replace("bfloat16", "bf16").replace("float32", "f32")
     assert len(written) == 2 and all(w.startswith(name) for w in written), written
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(6, 1, 1, 1), (6, 3, 1, 1), (1, 3, 4, 1), (6, 1, 4, 5), (4, 5)],
+    ids=["per_example", "per_row", "spatial", "example_and_channel", "trailing"],
+)
+def test_partial_mask_statistics_ignore_masked_entries(mask_shape):
+    # A mask constant along some reduced axes is applied to partial sums over those
+    # axes; whatever the masked-out entries hold (NaN, inf, huge) must not reach the
+    # statistics, the running state or the valid outputs.
+    shape = (6, 3, 4, 5)
+    rng = np.random.default_rng(7)
+    mask = rng.uniform(size=mask_shape) < 0.6
+    mask.flat[0] = True
+    full = np.broadcast_to(mask, shape)
+    x = _data(shape, 2.0, 1.5)
+    x_bad = np.where(full, x, rng.choice([np.nan, np.inf, -np.inf, 1e30], size=shape)).astype(np.float32)
+    params = {"scale": _data((5,), 1.0, 0.3, 1), "bias": _data((5,), 0.0, 1.0, 2)}
+    state = _random_state(5)
+    mom = jaxbn.moments(x_bad, mask=mask)
+    mean, var, n = np_moments(x, full)
+    np.testing.assert_array_equal(mom.count, n)
+    assert rel_err(mom.mean, mean) < RTOL["float32"] and rel_err(mom.var, var) < RTOL["float32"]
+    y, st = jaxbn.batch_norm(x_bad, params, state, training=True, momentum=0.8, mask=mask)
+    y_ref = np_batch_norm(x, params["scale"], params["bias"], full)[0]
+    m_ref, v_ref = np_ema(state.mean, state.var, mean, var, n, 0.8)
+    assert rel_err(np.where(full, y, 0), np.where(full, y_ref, 0)) < RTOL["float32"]
+    assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
 
 
 def test_non_finite_batch_never_reaches_state():
