@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -20,6 +21,9 @@ import numpy as np
 
 from jaxbn.inference import fold_batch_norms
 from jaxbn.models import ResNet20
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def main():
@@ -55,8 +59,7 @@ def main():
         "jax": jax.__version__,
     }
     print(json.dumps(res, indent=1))
-    with open(os.path.join(os.path.dirname(__file__), "results", "folding_speed.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    print("wrote", _common.save_json("folding_speed.json", dict(res, environment=_common.environment())))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ Writes benchmarks/results/recalibration.json.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -25,7 +27,9 @@ from jaxbn import data
 from jaxbn.inference import recalibrate_batch_stats
 from jaxbn import linen as bl
 from jaxbn.models import ResNet20
-import functools
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def main():
@@ -108,8 +112,7 @@ def main():
         "jax": jax.__version__,
     }
     print(json.dumps(res, indent=1))
-    with open(os.path.join(os.path.dirname(__file__), "results", "recalibration.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    print("wrote", _common.save_json("recalibration.json", dict(res, environment=_common.environment())))
 
 
 if __name__ == "__main__":
