@@ -14,7 +14,8 @@ another layout (Haiku's (1, 1, 1, C)) reshapes inside, which is free. The output
 
 Evaluation-mode peers are ``g(x, scale, bias, mean, var) -> y``.
 
-Peers: jaxbn's core function and its Linen module; Flax Linen with the default
+Peers: jaxbn's core function (``jaxbn[xla]``: with its one-sweep CPU kernels
+turned off, see jaxbn/cpu_kernel.py) and its Linen module; Flax Linen with the default
 fast variance and with the two-pass variance; Flax NNX; Haiku; Equinox (mode
 'batch', under `vmap` with an axis name, on the (N·H·W, C) view of x, which is
 free); a plain `jnp` version differentiated by autodiff; and, when
@@ -45,7 +46,7 @@ MOMENTUM = 0.99
 EPS = 1e-5
 PATCH = os.path.join(HERE, "proposed_core.patch")
 
-TRAIN_PEERS = ["jaxbn", "jaxbn.linen", "jaxbn+patch", "flax.linen", "flax.linen(2pass)", "flax.nnx",
+TRAIN_PEERS = ["jaxbn", "jaxbn[xla]", "jaxbn.linen", "jaxbn+patch", "flax.linen", "flax.linen(2pass)", "flax.nnx",
                "haiku", "equinox", "jnp(autodiff)"]
 EVAL_PEERS = ["jaxbn", "jaxbn.linen", "flax.linen", "flax.nnx", "haiku", "equinox", "jnp"]
 
@@ -84,11 +85,12 @@ def proposed_core():
 # Training mode.
 
 
-def _train_jaxbn(core):
+def _train_jaxbn(core, kernel="auto"):
     def apply(x, s, b):
         C = x.shape[-1]
         st = core.init_state(C)
-        y, new = core.batch_norm(x, {"scale": s, "bias": b}, st, training=True, momentum=MOMENTUM, epsilon=EPS)
+        with jaxbn.cpu_kernel.use(kernel):  # decided at trace time, for forward and backward
+            y, new = core.batch_norm(x, {"scale": s, "bias": b}, st, training=True, momentum=MOMENTUM, epsilon=EPS)
         return y, (new.mean, new.var)
 
     return apply
@@ -183,6 +185,8 @@ def train_apply(peer: str, x_example) -> Optional[Callable]:
 
     if peer == "jaxbn":
         return _train_jaxbn(jaxbn)
+    if peer == "jaxbn[xla]":
+        return _train_jaxbn(jaxbn, kernel="0")
     if peer == "jaxbn+patch":
         core = proposed_core()
         return None if core is None else _train_jaxbn(core)

@@ -4,6 +4,7 @@
 `jaxbn.linen` and `jaxbn.nnx` and are imported on demand.
 """
 
+from jaxbn import cpu_kernel  # noqa: F401  (JAXBN_CPU_KERNEL, cpu_kernel.use)
 from jaxbn.batch_norm import (
     BatchNormState,
     Moments,

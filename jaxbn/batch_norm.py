@@ -19,6 +19,11 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
 * One collective in the forward pass (an all-reduce of the per-device triples) and
   one in the backward pass (an all-reduce of ``[Σdy, Σdy·(x-μ)]``).
 
+On XLA:CPU the per-device sums (Σx and Σ(x - m)² forward, Σdy and Σdy·(x - μ)
+backward) come from one-sweep C++ kernels when the features are the trailing axes
+and there is no mask (``jaxbn/cpu_kernel.py``); elsewhere from XLA reductions.
+Both compute the same sums in float32 or better.
+
 References:
   Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by
   Reducing Internal Covariate Shift", ICML 2015.
@@ -35,6 +40,8 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+
+from jaxbn import cpu_kernel
 
 __all__ = [
     "BatchNormState",
@@ -238,6 +245,21 @@ def _varying(a) -> frozenset:
     return frozenset(vma)
 
 
+def _vary_like(outs: tuple, *ins) -> tuple:
+    """`outs` typed as varying over every axis that one of `ins` varies over.
+
+    A custom call's results carry no varying axes under shard_map's type checks;
+    left so, per-device statistics would pass for replicated ones.
+    """
+    v = frozenset().union(*(_varying(a) for a in ins))
+    if not v:
+        return outs
+    axes = tuple(sorted(v))
+    pcast = getattr(jax.lax, "pcast", None)
+    cast = (lambda o: pcast(o, axes, to="varying")) if pcast else (lambda o: jax.lax.pvary(o, axes))
+    return tuple(cast(o) if _varying(o) != v else o for o in outs)
+
+
 # ----------------------------------------------------------------------------
 # Statistics.
 
@@ -272,10 +294,17 @@ def _private(*arrays):
     return jax.lax.optimization_barrier(arrays)
 
 
-def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout):
+def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel: Optional[bool] = None):
     """Per-device count, mean and M2 = Σ (x - mean)² in float32 (float64 for float64 x)."""
     red, b = lay.reduce_axes, lay.b
     dt = _stat_dtype(x.dtype)
+    if kernel is None:
+        kernel = cpu_kernel.usable(x, lay.feature_axes)
+    if mask is None and kernel:
+        # One sweep over x instead of two (see jaxbn/cpu_kernel.py).
+        n = math.prod(x.shape[a] for a in red)
+        m, m2 = _vary_like(cpu_kernel.moments(x, len(lay.feature_axes)), x)
+        return jnp.full(lay.feature_shape, n, dt), m, m2
     if mask is None:
         n = math.prod(x.shape[a] for a in red)
         (xa,) = _private(x)  # each reduction reads x through its own barrier (see _private)
@@ -335,8 +364,8 @@ def _merge_moments(n, m, m2, names: Optional[tuple], groups):
     return n, mean, m2
 
 
-def _global_moments(x, mask, lay, names, groups) -> Moments:
-    n, m, m2 = _merge_moments(*_local_moments(x, mask, lay), names, groups)
+def _global_moments(x, mask, lay, names, groups, kernel=None) -> Moments:
+    n, m, m2 = _merge_moments(*_local_moments(x, mask, lay, kernel), names, groups)
     return Moments(mean=m, var=m2 / jnp.maximum(n, 1), count=n)
 
 
@@ -432,6 +461,7 @@ class _Config(NamedTuple):
     groups: Optional[tuple]
     epsilon: float
     dtype: Any  # output dtype
+    kernel: bool  # one-sweep CPU reductions (jaxbn/cpu_kernel.py), decided once for fwd and bwd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -440,7 +470,7 @@ def _train_normalize(cfg: _Config, x, scale, bias, mask):
 
 
 def _train_fwd(cfg: _Config, x, scale, bias, mask):
-    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups)
+    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.kernel)
     y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
     out = (y, jax.lax.stop_gradient(stats))
     return out, (x, scale, bias, mask, stats.mean, stats.var, stats.count)
@@ -467,11 +497,14 @@ def _train_bwd(cfg: _Config, res, cts):
     dt = mean.dtype
     x32, dy32 = x.astype(dt), dy.astype(dt)
     xc = x32 - lay.b(mean)
-    # Each reduction reads x and dy through its own barrier (see _private).
     red = lay.reduce_axes
-    (dya,) = _private(dy)
-    xp, dyp, mp = _private(x, dy, mean)
-    s = jnp.stack([jnp.sum(dya.astype(dt), red), jnp.sum(dyp.astype(dt) * (xp.astype(dt) - lay.b(mp)), red)])
+    if cfg.kernel and dy.dtype == x.dtype:
+        s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, len(lay.feature_axes)), x, dy, mean))  # one sweep
+    else:
+        # Each reduction reads x and dy through its own barrier (see _private).
+        (dya,) = _private(dy)
+        xp, dyp, mp = _private(x, dy, mean)
+        s = jnp.stack([jnp.sum(dya.astype(dt), red), jnp.sum(dyp.astype(dt) * (xp.astype(dt) - lay.b(mp)), red)])
     s_global = s if cfg.names is None else jax.lax.psum(s, cfg.names, axis_index_groups=cfg.groups)
     s1, s2 = s_global[0], s_global[1]
     inv = jax.lax.rsqrt(var + cfg.epsilon)
@@ -648,7 +681,7 @@ def batch_norm(
         eps = _concrete(epsilon)
         if eps is None:
             raise TypeError(f"epsilon must be a concrete number in training mode, got {epsilon!r}")
-        cfg = _Config(lay, names, groups, eps, out_dtype)
+        cfg = _Config(lay, names, groups, eps, out_dtype, cpu_kernel.usable(x, lay.feature_axes))
         y, batch = _train_normalize(cfg, x, scale, bias, mask)
     else:
         y = _normalize(x, state.mean, state.var, scale, bias, lay, epsilon, out_dtype)

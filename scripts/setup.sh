@@ -24,6 +24,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# jaxbn compiles its one-sweep CPU kernels (jaxbn/csrc) with the system's C++
+# compiler on first use and falls back to XLA without one; build them now, so that
+# neither the tests nor train.py pay for it later.
+if ! command -v c++ >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } ||
+    echo "setup: could not install g++; jaxbn will use its XLA formulation" >&2
+fi
+JAXBN_CPU_KERNEL=1 .venv/bin/python -c "import jaxbn.cpu_kernel as k; k.available() or print('setup:', k.build_error())"
+
 data=/usr/share/datasets/fashion-mnist
 if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
   # Not fatal: the tests that need the real data skip, and train.py says what to install.

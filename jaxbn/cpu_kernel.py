@@ -1,0 +1,196 @@
+"""One-sweep BatchNorm reductions for XLA:CPU, as XLA FFI custom calls.
+
+XLA:CPU gives each reduction its own sweep over memory, so the exact two-pass
+statistics read x twice and the backward's two sums read dy twice: float32
+training moves 40 bytes per element where 32 suffice. ``csrc/batch_norm_cpu.cc``
+reads each input once (two-pass inside cache-sized blocks, Chan's merge across
+them; see its header). It is written here, not taken from a library, because no
+JAX/XLA library offers a multi-output reduction on the CPU and the saving is
+measured (``benchmarks/bn_layer.py``: ``jaxbn`` vs ``jaxbn[xla]``).
+
+The source is compiled on first use with the system's C++ compiler against the
+XLA FFI headers that ship with jaxlib, and cached in ``$JAXBN_CACHE_DIR`` (default
+``~/.cache/jaxbn``) under a hash of the source, jaxlib, the compiler and the CPU.
+Without a compiler, or if the build fails, jaxbn says so once (a warning) and
+uses the XLA formulation: same results, 25 % more memory traffic.
+
+``JAXBN_CPU_KERNEL`` (or ``with jaxbn.cpu_kernel.use(...)``) chooses: ``auto``
+(default) uses the kernels where they are safe and fast, ``0`` never, ``1``
+wherever they are available (tests use it to run them on a multi-device host). ``auto`` means: the CPU backend, and either a
+single device or inside a ``shard_map`` whose mesh axes are all manual, i.e. a
+program that XLA will not partition. (Under sharded ``jit`` XLA's partitioner
+does not know the custom call and would gather its operands onto every device.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["available", "build_error", "mode", "use", "moments", "dy_sums", "usable"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cc"
+_TARGETS = {"jaxbn_moments": "JaxbnMoments", "jaxbn_dy_sums": "JaxbnDySums"}
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+_build_error: Optional[str] = None
+_MODES = ("auto", "0", "1")
+_override: Optional[str] = None
+
+
+def mode() -> str:
+    """``'auto'``, ``'0'`` or ``'1'``: `use`'s setting, else ``$JAXBN_CPU_KERNEL``, else auto."""
+    m = _override if _override is not None else os.environ.get("JAXBN_CPU_KERNEL", "auto").strip().lower()
+    if m not in _MODES:
+        raise ValueError(f"JAXBN_CPU_KERNEL must be one of {_MODES}, got {m!r}")
+    return m
+
+
+@contextlib.contextmanager
+def use(setting: str):
+    """Within the block, functions *traced* use this setting (``'auto'``, ``'0'``, ``'1'``).
+
+    The choice is made at trace time: a function jitted before keeps its program.
+    """
+    global _override
+    if setting not in _MODES:
+        raise ValueError(f"setting must be one of {_MODES}, got {setting!r}")
+    old, _override = _override, setting
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def _cache_dir() -> Path:
+    d = os.environ.get("JAXBN_CACHE_DIR")
+    if d:
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxbn"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln for ln in f if ln.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _compile() -> Path:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    import jaxlib
+
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), jaxlib.__version__, version, _cpu_id(), " ".join(_FLAGS)]).encode()
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"batch_norm_cpu-{key}.so"
+    if out.exists():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError:  # e.g. a read-only home: build for this process only
+        out = Path(tempfile.mkdtemp(prefix="jaxbn-")) / out.name
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    os.replace(tmp, out)  # atomic: concurrent builders never load a partial file
+    return out
+
+
+@functools.cache
+def _load() -> bool:
+    global _build_error
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_compile()))
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        return True
+    except Exception as e:  # any failure leaves the XLA formulation in charge
+        _build_error = f"{type(e).__name__}: {e}"
+        warnings.warn(f"jaxbn: CPU kernels unavailable, using the XLA formulation ({_build_error})", stacklevel=3)
+        return False
+
+
+def available() -> bool:
+    """Whether the kernels are built and registered (builds them on first call)."""
+    return mode() != "0" and _load()
+
+
+def build_error() -> Optional[str]:
+    """Why the kernels could not be built, or None."""
+    return _build_error
+
+
+def _unpartitioned() -> bool:
+    if jax.device_count() == 1:
+        return True
+    mesh = jax.sharding.get_abstract_mesh()
+    return bool(mesh.axis_names) and all(
+        t == jax.sharding.AxisType.Manual for t in mesh.axis_types
+    )
+
+
+def usable(x: jax.Array, feature_axes: tuple) -> bool:
+    """Whether to use the kernels for x with these feature axes (trailing, contiguous)."""
+    m = mode()
+    if m == "0" or jax.default_backend() != "cpu":
+        return False
+    if x.dtype not in (jnp.float32, jnp.bfloat16) or x.ndim == 0:
+        return False
+    if feature_axes != tuple(range(x.ndim - len(feature_axes), x.ndim)) or x.size == 0:
+        return False
+    if m == "auto" and not _unpartitioned():
+        return False
+    return available()
+
+
+def _rows(x, nf):
+    if not _load():
+        raise RuntimeError(f"jaxbn CPU kernels unavailable: {_build_error}")
+    c = int(np.prod(x.shape[x.ndim - nf:], dtype=np.int64))
+    return jnp.reshape(x, (x.size // max(c, 1), c)), c
+
+
+def moments(x: jax.Array, nf: int):
+    """(mean, M2) over all but the trailing `nf` axes of x, float32, one sweep."""
+    xr, c = _rows(x, nf)
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    call = jax.ffi.ffi_call("jaxbn_moments", (out, out), vmap_method="broadcast_all")
+    mean, m2 = call(xr)
+    fs = x.shape[x.ndim - nf:]
+    return mean.reshape(fs), m2.reshape(fs)
+
+
+def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, nf: int):
+    """(Σdy, Σdy·(x - mean)) over all but the trailing `nf` axes, float32, one sweep."""
+    xr, c = _rows(x, nf)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    dyr, _ = _rows(dy, nf)
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    call = jax.ffi.ffi_call("jaxbn_dy_sums", (out, out), vmap_method="broadcast_all")
+    s1, s2 = call(xr, dyr, jnp.reshape(mean.astype(jnp.float32), (c,)))
+    fs = x.shape[x.ndim - nf:]
+    return s1.reshape(fs), s2.reshape(fs)

@@ -1,0 +1,198 @@
+"""The one-sweep CPU kernels (jaxbn/cpu_kernel.py) against the float64 oracle and the XLA path."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn import cpu_kernel
+from oracle import RTOL, np_batch_norm, np_moments, rel_err
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU kernels")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # With a compiler on the machine the kernels must build: a silent fallback would
+    # leave every test below comparing the XLA path with itself.
+    with cpu_kernel.use("1"):
+        ok = cpu_kernel.available()
+    if not ok:
+        if shutil.which(os.environ.get("CXX") or "c++") is None:
+            pytest.skip("no C++ compiler")
+        pytest.fail(f"CPU kernels failed to build: {cpu_kernel.build_error()}")
+
+
+def _data(shape, mean, std, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((rng.normal(size=shape) * std + mean).astype(np.float32), dtype)
+
+
+_moments = jax.jit(lambda x: cpu_kernel.moments(x, 1))
+_dy_sums = jax.jit(lambda x, dy, m: cpu_kernel.dy_sums(x, dy, m, 1))
+
+SHAPES = {
+    "blocks": (64, 7, 5, 24),  # 2240 rows of 24: many 64-row blocks, one chunk
+    "chunks": (40, 32, 32, 8),  # 327680 elements: several chunks across threads
+    "one_channel": (300, 1),
+    "wide": (5, 3, 700),  # 8-row blocks
+    "tiny": (2, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_kernels_match_float64_oracle(name, dtype):
+    # Mean 1e4 with std 1: E[x²] - E[x]² would lose every digit of the variance.
+    shape = SHAPES[name]
+    x = _data(shape, 1e4 if dtype == jnp.float32 else 50.0, 1.0, 0, dtype)
+    dy = _data(shape, 0.5, 1.0, 1, dtype)
+    xd = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, shape[-1])  # the values seen
+    gd = np.asarray(dy.astype(jnp.float32), np.float64).reshape(-1, shape[-1])
+    mean, m2 = _moments(x)
+    mean_ref, var_ref, n = np_moments(xd)
+    assert mean.dtype == m2.dtype == jnp.float32 and mean.shape == (shape[-1],)
+    assert rel_err(mean, mean_ref) < 1e-7
+    assert rel_err(m2, var_ref * n) < 1e-6
+    s1, s2 = _dy_sums(x, dy, mean)
+    assert rel_err(s1, gd.sum(0)) < 1e-6
+    s2_ref = (gd * (xd - np.asarray(mean, np.float64))).sum(0)
+    assert np.abs(np.asarray(s2, np.float64) - s2_ref).max() < 1e-6 * np.abs(gd * (xd - mean_ref)).sum(0).max()
+
+
+def test_kernels_under_vmap_reduce_each_group():
+    x = _data((3, 10, 5, 4), 2.0, 1.5, 2)
+    mean, m2 = jax.vmap(lambda x: cpu_kernel.moments(x, 1))(x)
+    xd = np.asarray(x, np.float64).reshape(3, -1, 4)
+    assert rel_err(mean, xd.mean(1)) < 1e-6
+    assert rel_err(m2, xd.var(1) * 50) < 1e-6
+
+
+def _layer(mode, axis=-1, dtype=None):
+    """jit(value_and_grad) of Σ w·y of a training BN layer traced with kernel `mode`."""
+
+    def loss(x, p, w):
+        with cpu_kernel.use(mode):
+            y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(p["scale"].shape), training=True, axis=axis,
+                                     momentum=0.8, dtype=dtype)
+        return jnp.sum(w * y.astype(jnp.float32)), st
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_with_kernels_equals_xla_path_and_oracle(dtype):
+    shape = (16, 6, 6, 8)
+    x = _data(shape, 3.0, 2.0, 3, dtype)
+    w = _data(shape, 0.0, 1.0, 4)
+    p = {"scale": _data((8,), 1.0, 0.3, 5), "bias": _data((8,), 0.0, 1.0, 6)}
+    f1, f0 = _layer("1"), _layer("0")
+    hlo1 = f1.lower(x, p, w).compile().as_text()
+    hlo0 = f0.lower(x, p, w).compile().as_text()
+    assert "jaxbn_moments" in hlo1 and "jaxbn_dy_sums" in hlo1
+    assert "jaxbn_" not in hlo0
+    (_, st1), g1 = f1(x, p, w)
+    (_, st0), g0 = f0(x, p, w)
+    tol = RTOL["float32"]  # statistics and gradients are float32 for both dtypes
+    for a, b in zip(jax.tree.leaves((st1, g1)), jax.tree.leaves((st0, g0))):
+        assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < tol
+    xd = np.asarray(x.astype(jnp.float32), np.float64)
+    _, mean, var, _ = np_batch_norm(xd, p["scale"], p["bias"])
+    assert rel_err(st1.mean, 0.2 * mean) < tol and rel_err(st1.var, 0.8 + 0.2 * var) < tol
+
+
+def test_mixed_dtype_backward_falls_back_and_stays_right():
+    # bf16 x with a float32 output: dy is float32, which the kernel does not take.
+    shape = (8, 4, 4, 8)
+    x = _data(shape, 1.0, 2.0, 7, jnp.bfloat16)
+    w = _data(shape, 0.0, 1.0, 8)
+    p = {"scale": _data((8,), 1.0, 0.3, 9), "bias": _data((8,), 0.0, 1.0, 10)}
+    (_, _), g1 = _layer("1", dtype=jnp.float32)(x, p, w)
+    (_, _), g0 = _layer("0", dtype=jnp.float32)(x, p, w)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 1e-2  # bf16 dx
+
+
+def test_feature_axis_not_last_uses_xla_path():
+    x = _data((4, 8, 3, 3), 1.0, 2.0, 11)
+    p = jaxbn.init_params(8)
+    hlo = _layer("1", axis=1).lower(x, p, x).compile().as_text()
+    assert "jaxbn_" not in hlo
+
+
+def _mesh():
+    return jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_auto_uses_kernels_in_shard_map_not_in_sharded_jit(ndev):
+    x = _data((16, 4, 4, 8), 2.0, 1.5, 12)
+    p = {"scale": _data((8,), 1.0, 0.3, 13), "bias": _data((8,), 0.0, 1.0, 14)}
+
+    def body(x, p):
+        with cpu_kernel.use("auto"):
+            y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True, axis_name="d", momentum=0.0)
+        g = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True,
+                                                        axis_name="d")[0] ** 3))(x)
+        return y, st.mean, st.var, g
+
+    sm = jax.jit(jax.shard_map(body, mesh=_mesh(), in_specs=(P("d"), P()), out_specs=(P("d"), P(), P(), P("d"))))
+    assert "jaxbn_moments" in sm.lower(x, p).compile().as_text()
+    y, mean, var, _ = sm(x, p)
+    y_ref, m_ref, v_ref, _ = np_batch_norm(np.asarray(x), p["scale"], p["bias"])
+    assert rel_err(y, y_ref) < RTOL["float32"]
+    assert rel_err(mean, m_ref) < RTOL["float32"] and rel_err(var, v_ref) < RTOL["float32"]
+
+    def plain(x, p):
+        with cpu_kernel.use("auto"):
+            return jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True)[0]
+
+    sharding = jax.sharding.NamedSharding(_mesh(), P("d"))
+    hlo = jax.jit(plain).lower(jax.device_put(x, sharding), p).compile().as_text()
+    assert "jaxbn_" not in hlo  # XLA would gather x onto every device for a custom call
+
+
+def test_kernel_statistics_stay_per_device_under_shard_map_checks(ndev):
+    # A custom call's results are typed replicated; jaxbn types them like x, so
+    # forgetting axis_name is still caught by out_specs=P().
+    x = _data((16, 4, 4, 8), 2.0, 1.5, 15)
+
+    def body(x):
+        with cpu_kernel.use("1"):
+            return jaxbn.batch_norm(x, jaxbn.init_params(8), jaxbn.init_state(8), training=True)[1].mean
+
+    f = jax.shard_map(body, mesh=_mesh(), in_specs=P("d"), out_specs=P())
+    with pytest.raises(Exception, match="(?i)vary|varying|replicat"):
+        jax.jit(f)(x)
+
+
+def test_bad_setting_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="setting must be one of"):
+        with cpu_kernel.use("on"):
+            pass
+    monkeypatch.setenv("JAXBN_CPU_KERNEL", "yes")
+    with pytest.raises(ValueError, match="JAXBN_CPU_KERNEL must be one of .*'yes'"):
+        cpu_kernel.mode()
+
+
+def test_without_a_compiler_jaxbn_warns_and_uses_xla(tmp_path):
+    code = (
+        "import warnings, numpy as np, jax, jaxbn\n"
+        "x = np.random.default_rng(0).normal(3, 2, (32, 8)).astype(np.float32)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y, st = jax.jit(lambda x: jaxbn.batch_norm(x, None, jaxbn.init_state(8), training=True))(x)\n"
+        "assert any('CPU kernels unavailable' in str(m.message) for m in w), [str(m.message) for m in w]\n"
+        "assert jaxbn.cpu_kernel.build_error() and 'compiler' in jaxbn.cpu_kernel.build_error()\n"
+        "np.testing.assert_allclose(np.asarray(y).std(0), 1, rtol=1e-4)\n"
+    )
+    env = {**os.environ, "JAXBN_CPU_KERNEL": "1", "JAXBN_CACHE_DIR": str(tmp_path), "CXX": "",
+           "PATH": str(tmp_path), "XLA_FLAGS": ""}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
