@@ -41,6 +41,7 @@ _dy_sums = jax.jit(lambda x, dy, m: cpu_kernel.dy_sums(x, dy, m, 1))
 SHAPES = {
     "blocks": (64, 7, 5, 24),  # 2240 rows of 24: many 64-row blocks, one chunk
     "chunks": (40, 32, 32, 8),  # 327680 elements: several chunks across threads
+    "narrow_ragged": (37, 3, 16),  # 8 channels at a time; 111 rows = 64 + 47 (odd remainders)
     "one_channel": (300, 1),
     "wide": (5, 3, 700),  # 8-row blocks
     "tiny": (2, 3),
