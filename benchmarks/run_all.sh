@@ -11,8 +11,8 @@ PY=${PYTHON:-.venv/bin/python}
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" benchmarks/bn_layer.py
 "$PY" benchmarks/train_step.py
-"$PY" benchmarks/sync.py
-"$PY" benchmarks/sync.py --devices 2
+"$PY" benchmarks/sync.py --rounds 21
+"$PY" benchmarks/sync.py --devices 2 --rounds 41 --budget 90
 if [ "${1:-}" = "--settings" ]; then
   "$PY" benchmarks/cpu_settings.py --quick --train-py
 fi

@@ -15,7 +15,8 @@ scale and bias) at equal per-device batch:
 * step time: the synchronized layer (``axis_name='batch'``) against the same
   layer with per-device statistics (``axis_name=None``), under ``shard_map`` and
   ``pmap``, interleaved round by round; overhead = median per-round ratio - 1.
-  Flax Linen's synchronized BatchNorm is measured the same way for reference.
+  Flax Linen's synchronized BatchNorm is measured the same way for reference, and
+  jaxbn without its CPU kernels (``jaxbn[xla]``, see jaxbn/cpu_kernel.py).
 
 All 8 "devices" share this machine's 2 cores, so the absolute times are those of
 8 small layers run concurrently; the ratios are what this measures. With more
@@ -39,6 +40,7 @@ sys.path.insert(0, HERE)
 import _common  # noqa: E402
 
 NDEV = 8  # default; --devices
+KINDS = ("jaxbn", "jaxbn[xla]", "flax")  # jaxbn[xla]: jaxbn without its CPU kernels (jaxbn/cpu_kernel.py)
 SHAPES = {  # per-device shapes (global batch = 8 x the first dimension)
     "cnn": (16, 26, 26, 32),  # the article's CNN at global batch 128
     "resnet-s1": (16, 32, 32, 16),  # ResNet-20 stage 1 at global batch 128
@@ -71,6 +73,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--budget", type=float, default=60, help="seconds of timing per shape (fewer rounds if over)")
     ap.add_argument("--devices", type=int, default=NDEV, help="virtual CPU devices (default 8)")
     ap.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--default-allocator", action="store_true")
@@ -102,15 +105,18 @@ def main(argv=None):
     def layer(kind, sync, api_="shard_map"):
         """(x, scale, bias) -> y on one device's slice."""
         name = "batch" if sync else None
-        if kind == "jaxbn":
+        if kind.startswith("jaxbn"):
+            setting = "0" if kind == "jaxbn[xla]" else "auto"  # jaxbn[xla]: without the CPU kernels
+
             def f(x, s, b):
                 C = x.shape[-1]
                 if not sync and api_ == "shard_map":
                     # Per-device statistics: the parameters' gradients are summed over
                     # devices by autodiff (one all-reduce, as for Flax's local layer).
                     s, b = jax.lax.pcast((s, b), "batch", to="varying")
-                return jaxbn.batch_norm(x, {"scale": s, "bias": b}, jaxbn.init_state(C), training=True,
-                                        momentum=0.99, axis_name=name)[0]
+                with jaxbn.cpu_kernel.use(setting):
+                    return jaxbn.batch_norm(x, {"scale": s, "bias": b}, jaxbn.init_state(C), training=True,
+                                            momentum=0.99, axis_name=name)[0]
         else:
             mod = nn.BatchNorm(use_running_average=False, momentum=0.99, axis_name=name)
 
@@ -158,7 +164,7 @@ def main(argv=None):
         xp, dyp = to_p(x.reshape((ndev,) + shape)), to_p(dy.reshape((ndev,) + shape))
         cands, coll = {}, {}
         for api in ("shard_map", "pmap"):
-            for kind in ("jaxbn", "flax"):
+            for kind in KINDS:
                 for sync in (True, False):
                     full, fwd = (shard_map_fns if api == "shard_map" else pmap_fns)(kind, sync)
                     args_ = (x, dy, s, b) if api == "shard_map" else (xp, dyp, s, b)
@@ -176,11 +182,11 @@ def main(argv=None):
                                jaxbn.init_state(C), training=True)[0]
         got = np.asarray(cands["shard_map/jaxbn/sync"]()[0])
         err = float(np.max(np.abs(got - np.asarray(ref))))
-        smp = _common.interleave(cands, rounds=args.rounds, warmup=2, budget_s=40)
+        smp = _common.interleave(cands, rounds=args.rounds, warmup=2, budget_s=args.budget)
         row = {"per_device_shape": shape, "global_shape": gshape, "max_abs_err_vs_single_device": err,
                "median_s": {k: float(np.median(v)) for k, v in smp.items()}, "overhead": {}}
         for api in ("shard_map", "pmap"):
-            for kind in ("jaxbn", "flax"):
+            for kind in KINDS:
                 row["overhead"][f"{api}/{kind}"] = _common.ratio(smp, f"{api}/{kind}/sync", f"{api}/{kind}/local") - 1
             row[f"{api}/jaxbn_sync_vs_flax_sync"] = _common.ratio(smp, f"{api}/flax/sync", f"{api}/jaxbn/sync")
         results["shapes"][sname] = row
@@ -196,10 +202,10 @@ def main(argv=None):
     for sname, r in results["shapes"].items():
         rows.append([f"{sname} {'×'.join(map(str, r['per_device_shape']))}"] + [
             f"{r['median_s'][f'{api}/{kind}/sync'] * 1e3:.2f} ms (+{r['overhead'][f'{api}/{kind}']:.0%})"
-            for api in ("shard_map", "pmap") for kind in ("jaxbn", "flax")] + [
+            for api in ("shard_map", "pmap") for kind in KINDS] + [
             f"×{r['shard_map/jaxbn_sync_vs_flax_sync']:.2f}"])
-    t2 = _common.fmt_table(["per-device shape", "shard_map jaxbn", "shard_map flax", "pmap jaxbn", "pmap flax",
-                            "jaxbn vs flax (sync, shard_map)"], rows)
+    t2 = _common.fmt_table(["per-device shape"] + [f"{api} {kind}" for api in ("shard_map", "pmap") for kind in KINDS]
+                           + ["jaxbn vs flax (sync, shard_map)"], rows)
     md = (f"Collectives per BN layer ({ndev} devices; emitted = in JAX's program, compiled = after XLA):\n\n{t1}\n\n"
           f"Synchronized layer time (fwd+bwd) and overhead over the same layer with per-device statistics "
           f"(median of per-round ratios):\n\n{t2}\n")
