@@ -68,6 +68,16 @@ def test_kernels_match_float64_oracle(name, dtype):
     assert np.abs(np.asarray(s2, np.float64) - s2_ref).max() < 1e-6 * np.abs(gd * (xd - mean_ref)).sum(0).max()
 
 
+def test_kernel_results_do_not_depend_on_thread_timing():
+    # Chunks are fixed by the shape and merged in order: bitwise the same every call.
+    x = _data(SHAPES["chunks"], 3.0, 2.0, 16)
+    dy = _data(SHAPES["chunks"], 0.0, 1.0, 17)
+    first = jax.tree.map(np.asarray, (_moments(x), _dy_sums(x, dy, _moments(x)[0])))
+    for _ in range(3):
+        again = jax.tree.map(np.asarray, (_moments(x), _dy_sums(x, dy, _moments(x)[0])))
+        jax.tree.map(np.testing.assert_array_equal, again, first)
+
+
 def test_kernels_under_vmap_reduce_each_group():
     x = _data((3, 10, 5, 4), 2.0, 1.5, 2)
     mean, m2 = jax.vmap(lambda x: cpu_kernel.moments(x, 1))(x)
@@ -157,6 +167,19 @@ def test_auto_uses_kernels_in_shard_map_not_in_sharded_jit(ndev):
     sharding = jax.sharding.NamedSharding(_mesh(), P("d"))
     hlo = jax.jit(plain).lower(jax.device_put(x, sharding), p).compile().as_text()
     assert "jaxbn_" not in hlo  # XLA would gather x onto every device for a custom call
+
+
+def test_auto_uses_kernels_under_pmap(ndev):
+    x = _data((8, 4, 3, 3, 8), 2.0, 1.5, 18)
+
+    def f(x):
+        with cpu_kernel.use("auto"):
+            return jaxbn.batch_norm(x, None, jaxbn.init_state(8), training=True, axis_name="b")[0]
+
+    pf = jax.pmap(f, axis_name="b")
+    assert "jaxbn_moments" in pf.lower(x).compile().as_text()
+    y_ref = np_batch_norm(np.asarray(x).reshape(-1, 8), np.ones(8), np.zeros(8))[0]
+    assert rel_err(np.asarray(pf(x)).reshape(-1, 8), y_ref) < RTOL["float32"]
 
 
 def test_kernel_statistics_stay_per_device_under_shard_map_checks(ndev):
