@@ -53,6 +53,9 @@ SETTINGS = {
     "heap": {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={BIG}"},
     "heap+thp": {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                                    f"glibc.malloc.trim_threshold={BIG}:glibc.malloc.hugetlb=1"},
+    # The recommended setting with jaxbn's one-sweep CPU kernels turned off (jaxbn/cpu_kernel.py).
+    "heap+xla": {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={BIG}",
+                 "JAXBN_CPU_KERNEL": "0"},
     "heap_2arenas": {"GLIBC_TUNABLES": f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={BIG}"},
     "jemalloc": {"LD_PRELOAD": f"{LIB}/libjemalloc.so.2"},
     "tcmalloc": {"LD_PRELOAD": f"{LIB}/libtcmalloc_minimal.so.4"},
@@ -124,7 +127,7 @@ def probe(quick: bool):
 
 def run_setting(name, quick):
     env = dict(os.environ)
-    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS"):
+    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "JAXBN_CPU_KERNEL"):
         env.pop(k, None)
     env.update(SETTINGS[name])
     env["JAXBN_BENCH_NO_REEXEC"] = "1"
@@ -143,7 +146,7 @@ def run_setting(name, quick):
 
 def run_train_py(name, steps, workdir_root):
     env = dict(os.environ)
-    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS"):
+    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "JAXBN_CPU_KERNEL"):
         env.pop(k, None)
     env.update(SETTINGS[name])
     wd = tempfile.mkdtemp(prefix=f"train_{name}_", dir=workdir_root)
@@ -176,6 +179,9 @@ def main(argv=None):
     ap.add_argument("--train-py-steps", type=int, default=200)
     ap.add_argument("--train-py-rounds", type=int, default=2)
     ap.add_argument("--recommended", default="heap", choices=list(SETTINGS))
+    ap.add_argument("--train-py-settings", nargs="+", choices=list(SETTINGS),
+                    help="settings to time train.py under (default: default and --recommended)")
+    ap.add_argument("--tag", default="cpu_settings", help="results file stem")
     args = ap.parse_args(argv)
     if args.probe:
         probe(args.quick)
@@ -218,7 +224,7 @@ def main(argv=None):
     if args.train_py or args.train_py_only:
         root = tempfile.mkdtemp(prefix="jaxbn_trainpy_")
         for r in range(args.train_py_rounds):
-            for n in ("default", args.recommended):
+            for n in args.train_py_settings or ("default", args.recommended):
                 d = run_train_py(n, args.train_py_steps, root)
                 train_py.setdefault(n, []).append(d)
                 print(f"train.py round {r} {n}: {d['wall_s']:.1f} s, rc {d['rc']}, "
@@ -250,11 +256,11 @@ def main(argv=None):
                                      tp_rows)
     print(table)
     print(tp_table)
-    path = _common.save_json("cpu_settings.json", {"environment": env, "settings": SETTINGS, "runs": runs,
+    path = _common.save_json(f"{args.tag}.json", {"environment": env, "settings": SETTINGS, "runs": runs,
                                                    "summary": summary, "train_py": train_py,
                                                    "train_py_steps": args.train_py_steps, "table": table,
                                                    "train_py_table": tp_table})
-    with open(os.path.join(_common.RESULTS, "cpu_settings.md"), "w") as f:
+    with open(os.path.join(_common.RESULTS, f"{args.tag}.md"), "w") as f:
         f.write(f"Command: `python benchmarks/cpu_settings.py {' '.join(sys.argv[1:])}`; load average "
                 f"{env['loadavg_start']} at start.\n\nTimes are medians over rounds; (×r) = speed-up over "
                 f"`default` in the same round.\n\n{table}\n\n{tp_table}\n")
