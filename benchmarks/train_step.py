@@ -128,7 +128,7 @@ def measure(model_names, norms, *, rounds: int, steps: dict, batch: int = 128, b
         for n in norms:
             try:
                 fn, state, data, temp = build(m, n, batch)
-            except Exception as e:  # e.g. no patch: skip that candidate
+            except Exception:  # e.g. no patch: skip that candidate
                 if n == "jaxbn+patch":
                     continue
                 raise

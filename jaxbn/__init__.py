@@ -4,7 +4,7 @@
 `jaxbn.linen` and `jaxbn.nnx` and are imported on demand.
 """
 
-from jaxbn import cpu_kernel  # noqa: F401  (JAXBN_CPU_KERNEL, cpu_kernel.use)
+from jaxbn import cpu_kernel  # JAXBN_CPU_KERNEL, jaxbn.cpu_kernel.use
 from jaxbn.batch_norm import (
     BatchNormState,
     Moments,
@@ -30,6 +30,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 __all__ = [
+    "cpu_kernel",
     "BatchNormState",
     "Moments",
     "batch_norm",

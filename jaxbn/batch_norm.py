@@ -300,17 +300,15 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
     dt = _stat_dtype(x.dtype)
     if kernel is None:
         kernel = cpu_kernel.usable(x, lay.feature_axes)
-    if mask is None and kernel:
-        # One sweep over x instead of two (see jaxbn/cpu_kernel.py).
-        n = math.prod(x.shape[a] for a in red)
-        m, m2 = _vary_like(cpu_kernel.moments(x, len(lay.feature_axes)), x)
-        return jnp.full(lay.feature_shape, n, dt), m, m2
     if mask is None:
         n = math.prod(x.shape[a] for a in red)
-        (xa,) = _private(x)  # each reduction reads x through its own barrier (see _private)
-        m = jnp.sum(xa.astype(dt), red) / max(n, 1)
-        xb, mb = _private(x, m)
-        m2 = jnp.sum(jnp.square(xb.astype(dt) - b(mb)), red)
+        if kernel:  # one sweep over x instead of two (see jaxbn/cpu_kernel.py)
+            m, m2 = _vary_like(cpu_kernel.moments(x, len(lay.feature_axes)), x)
+        else:
+            (xa,) = _private(x)  # each reduction reads x through its own barrier (see _private)
+            m = jnp.sum(xa.astype(dt), red) / max(n, 1)
+            xb, mb = _private(x, m)
+            m2 = jnp.sum(jnp.square(xb.astype(dt) - b(mb)), red)
         n = jnp.full(lay.feature_shape, n, dt)
     else:
         n = jnp.sum(jnp.broadcast_to(mask, x.shape), red, dtype=dt)
@@ -498,8 +496,8 @@ def _train_bwd(cfg: _Config, res, cts):
     x32, dy32 = x.astype(dt), dy.astype(dt)
     xc = x32 - lay.b(mean)
     red = lay.reduce_axes
-    if cfg.kernel and dy.dtype == x.dtype:
-        s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, len(lay.feature_axes)), x, dy, mean))  # one sweep
+    if cfg.kernel and dy.dtype == x.dtype:  # one sweep over x and dy (see jaxbn/cpu_kernel.py)
+        s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, len(lay.feature_axes)), x, dy, mean))
     else:
         # Each reduction reads x and dy through its own barrier (see _private).
         (dya,) = _private(dy)

@@ -16,10 +16,13 @@ uses the XLA formulation: same results, 25 % more memory traffic.
 
 ``JAXBN_CPU_KERNEL`` (or ``with jaxbn.cpu_kernel.use(...)``) chooses: ``auto``
 (default) uses the kernels where they are safe and fast, ``0`` never, ``1``
-wherever they are available (tests use it to run them on a multi-device host). ``auto`` means: the CPU backend, and either a
-single device or inside a ``shard_map`` whose mesh axes are all manual, i.e. a
+wherever they are available (tests use it to run them on a multi-device host).
+``auto`` means: the CPU backend, and either a single device or inside a
+``shard_map`` (or ``pmap``, built on it) whose mesh axes are all manual, i.e. a
 program that XLA will not partition. (Under sharded ``jit`` XLA's partitioner
 does not know the custom call and would gather its operands onto every device.)
+The kernels take float32 and bfloat16 x with the features on the trailing axes,
+without a mask; anything else goes to the XLA formulation.
 """
 
 from __future__ import annotations
