@@ -23,6 +23,11 @@ program that XLA will not partition. (Under sharded ``jit`` XLA's partitioner
 does not know the custom call and would gather its operands onto every device.)
 The kernels take float32 and bfloat16 x with the features on the trailing axes,
 without a mask; anything else goes to the XLA formulation.
+
+``jax.export`` refuses custom calls that carry no compatibility guarantee:
+evaluation-mode BatchNorm (no reductions) exports as is, but to export a training
+computation traced on the CPU, trace it with ``JAXBN_CPU_KERNEL=0`` or inside
+``with jaxbn.cpu_kernel.use("0"):``.
 """
 
 from __future__ import annotations
@@ -176,12 +181,53 @@ def _rows(x, nf):
     return jnp.reshape(x, (x.size // max(c, 1), c)), c
 
 
+# The custom calls have JVP rules in plain jnp (linear in the tangents, so reverse
+# mode transposes them): jaxbn.moments stays differentiable, and so does the
+# training layer's backward (grad of grad, e.g. gradient penalties).
+
+
+def _call(name, c, *args):
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    return tuple(jax.ffi.ffi_call(name, (out, out), vmap_method="broadcast_all")(*args))
+
+
+@jax.custom_jvp
+def _moments_rows(xr):
+    return _call("jaxbn_moments", xr.shape[-1], xr)
+
+
+@_moments_rows.defjvp
+def _moments_rows_jvp(primals, tangents):
+    # mean = Σx/n, M2 = Σ(x - mean)²:  d mean = Σdx/n,  d M2 = 2·Σ(x - mean)·dx  (as Σ(x - mean) = 0).
+    (xr,), (t,) = primals, tangents
+    mean, m2 = _moments_rows(xr)
+    t = t.astype(jnp.float32)
+    dmean = jnp.sum(t, 0) / max(xr.shape[0], 1)
+    dm2 = 2 * jnp.sum((xr.astype(jnp.float32) - mean) * t, 0)
+    return (mean, m2), (dmean, dm2)
+
+
+@jax.custom_jvp
+def _dy_sums_rows(xr, dyr, mean):
+    return _call("jaxbn_dy_sums", xr.shape[-1], xr, dyr, mean)
+
+
+@_dy_sums_rows.defjvp
+def _dy_sums_rows_jvp(primals, tangents):
+    # S1 = Σdy,  S2 = Σdy·(x - μ):  dS1 = Σd(dy),  dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1.
+    (xr, dyr, mean), (tx, tdy, tm) = primals, tangents
+    s1, s2 = _dy_sums_rows(xr, dyr, mean)
+    f32 = jnp.float32
+    tdy = tdy.astype(f32)
+    ds1 = jnp.sum(tdy, 0)
+    ds2 = jnp.sum(tdy * (xr.astype(f32) - mean), 0) + jnp.sum(dyr.astype(f32) * tx.astype(f32), 0) - tm * s1
+    return (s1, s2), (ds1, ds2)
+
+
 def moments(x: jax.Array, nf: int):
     """(mean, M2) over all but the trailing `nf` axes of x, float32, one sweep."""
     xr, c = _rows(x, nf)
-    out = jax.ShapeDtypeStruct((c,), jnp.float32)
-    call = jax.ffi.ffi_call("jaxbn_moments", (out, out), vmap_method="broadcast_all")
-    mean, m2 = call(xr)
+    mean, m2 = _moments_rows(xr)
     fs = x.shape[x.ndim - nf:]
     return mean.reshape(fs), m2.reshape(fs)
 
@@ -192,8 +238,6 @@ def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, nf: int):
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
     dyr, _ = _rows(dy, nf)
-    out = jax.ShapeDtypeStruct((c,), jnp.float32)
-    call = jax.ffi.ffi_call("jaxbn_dy_sums", (out, out), vmap_method="broadcast_all")
-    s1, s2 = call(xr, dyr, jnp.reshape(mean.astype(jnp.float32), (c,)))
+    s1, s2 = _dy_sums_rows(xr, dyr, jnp.reshape(mean.astype(jnp.float32), (c,)))
     fs = x.shape[x.ndim - nf:]
     return s1.reshape(fs), s2.reshape(fs)

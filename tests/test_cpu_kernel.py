@@ -119,6 +119,53 @@ def test_layer_with_kernels_equals_xla_path_and_oracle(dtype):
     assert rel_err(st1.mean, 0.2 * mean) < tol and rel_err(st1.var, 0.8 + 0.2 * var) < tol
 
 
+def test_kernel_jvps_match_the_math():
+    # The JVP rules against jax.jvp of the same sums written in jnp, random tangents.
+    x, dy = _data((50, 8), 2.0, 1.5, 24), _data((50, 8), 0.5, 1.0, 25)
+    mean = _data((8,), 2.0, 0.1, 26)
+    tx, tdy, tm = _data((50, 8), 0.0, 1.0, 27), _data((50, 8), 0.0, 1.0, 28), _data((8,), 0.0, 1.0, 29)
+
+    def moments_ref(x):
+        m = jnp.mean(x, 0)
+        return m, jnp.sum((x - m) ** 2, 0)
+
+    def dy_sums_ref(x, dy, mean):
+        return jnp.sum(dy, 0), jnp.sum(dy * (x - mean), 0)
+
+    got = jax.jvp(lambda x: cpu_kernel.moments(x, 1), (x,), (tx,))
+    want = jax.jvp(moments_ref, (x,), (tx,))
+    got2 = jax.jvp(lambda *a: cpu_kernel.dy_sums(*a, 1), (x, dy, mean), (tx, tdy, tm))
+    want2 = jax.jvp(dy_sums_ref, (x, dy, mean), (tx, tdy, tm))
+    for a, b in zip(jax.tree.leaves((got, got2)), jax.tree.leaves((want, want2))):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_kernels_are_differentiable_like_the_xla_path():
+    # jax.grad of jaxbn.moments, and grad of grad through the training layer (whose
+    # backward calls jaxbn_dy_sums), as with the XLA formulation.
+    x = _data((6, 5, 8), 2.0, 1.5, 20)
+    w = _data((6, 5, 8), 0.0, 1.0, 21)
+    p = {"scale": _data((8,), 1.0, 0.3, 22), "bias": _data((8,), 0.0, 1.0, 23)}
+
+    def stats_loss(x):
+        m = jaxbn.moments(x)
+        return jnp.sum(m.mean ** 3 + m.var * w[0, 0])
+
+    def penalty(x, p):  # ||d/dx Σ w·y||², differentiated again w.r.t. x and the parameters
+        g = jax.grad(lambda x: jnp.sum(w * jaxbn.batch_norm(x, p, jaxbn.init_state(8), training=True)[0] ** 2))(x)
+        return jnp.sum(g ** 2)
+
+    out = {}
+    for mode in ("1", "0"):
+        with cpu_kernel.use(mode):
+            f1 = jax.jit(jax.grad(stats_loss))
+            f2 = jax.jit(jax.grad(penalty, argnums=(0, 1)))
+            assert ("jaxbn_" in f2.lower(x, p).compile().as_text()) == (mode == "1")
+            out[mode] = (f1(x), f2(x, p))
+    for a, b in zip(jax.tree.leaves(out["1"]), jax.tree.leaves(out["0"])):
+        assert rel_err(a, b) < 1e-4
+
+
 def test_mixed_dtype_backward_falls_back_and_stays_right():
     # bf16 x with a float32 output: dy is float32, which the kernel does not take.
     shape = (8, 4, 4, 8)
@@ -194,6 +241,25 @@ def test_kernel_statistics_stay_per_device_under_shard_map_checks(ndev):
     f = jax.shard_map(body, mesh=_mesh(), in_specs=P("d"), out_specs=P())
     with pytest.raises(Exception, match="(?i)vary|varying|replicat"):
         jax.jit(f)(x)
+
+
+def test_export_evaluation_always_and_training_with_kernels_off():
+    # jax.export refuses custom calls without compatibility guarantees. Inference
+    # (training=False) has no reductions, so it never contains one; exporting a
+    # training step on the CPU needs the kernels off.
+    x = _data((8, 4), 1.0, 2.0, 19)
+
+    def layer(training):
+        return jax.jit(lambda x: jaxbn.batch_norm(x, None, jaxbn.init_state(4), training=training)[0])
+
+    with cpu_kernel.use("1"):
+        jax.export.export(layer(False))(x)
+        with pytest.raises(ValueError, match="jaxbn_moments"):
+            jax.export.export(layer(True))(x)
+    with cpu_kernel.use("0"):
+        exp = jax.export.export(layer(True))(x)
+    y_ref = np_batch_norm(np.asarray(x), np.ones(4), np.zeros(4))[0]
+    assert rel_err(exp.call(x), y_ref) < RTOL["float32"]
 
 
 def test_bad_setting_is_a_clear_error(monkeypatch):
