@@ -1,10 +1,10 @@
 """jaxbn: batch normalization for JAX with exact cross-device statistics.
 
-`import jaxbn` imports only JAX and NumPy. The Flax adapters live in
+`import jaxbn` imports only JAX and NumPy (`jaxbn.cpu_kernel`, imported by the core,
+holds the CPU kernels' switch). The Flax adapters live in
 `jaxbn.linen` and `jaxbn.nnx` and are imported on demand.
 """
 
-from jaxbn import cpu_kernel  # JAXBN_CPU_KERNEL, jaxbn.cpu_kernel.use
 from jaxbn.batch_norm import (
     BatchNormState,
     Moments,
@@ -30,7 +30,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 __all__ = [
-    "cpu_kernel",
     "BatchNormState",
     "Moments",
     "batch_norm",
