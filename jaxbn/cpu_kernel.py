@@ -226,7 +226,7 @@ def _dy_sums_rows_jvp(primals, tangents):
 
 def moments(x: jax.Array, nf: int):
     """(mean, M2) over all but the trailing `nf` axes of x, float32, one sweep."""
-    xr, c = _rows(x, nf)
+    xr, _ = _rows(x, nf)
     mean, m2 = _moments_rows(xr)
     fs = x.shape[x.ndim - nf:]
     return mean.reshape(fs), m2.reshape(fs)

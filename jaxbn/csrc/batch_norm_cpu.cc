@@ -28,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -333,7 +334,9 @@ ffi::Error MomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::
                        ffi::Result<ffi::Buffer<ffi::F32>> m2) {
   Plan p = MakePlan(x.dimensions());
   if (mean->element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument("jaxbn_moments: output is not of shape x.shape[:-2] + x.shape[-1:]");
+    return ffi::Error::InvalidArgument("jaxbn_moments: mean has " + std::to_string(mean->element_count()) +
+                                       " elements, expected x.shape[:-2] + x.shape[-1:] = " +
+                                       std::to_string(p.groups * p.channels));
   switch (x.element_type()) {
     case ffi::F32:
       Moments(pool, x.reinterpret_data<float>(), p, mean->typed_data(), m2->typed_data());
@@ -342,7 +345,8 @@ ffi::Error MomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::
       Moments(pool, x.reinterpret_data<uint16_t>(), p, mean->typed_data(), m2->typed_data());
       return ffi::Error::Success();
     default:
-      return ffi::Error::InvalidArgument("jaxbn_moments: x must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument("jaxbn_moments: x must be float32 or bfloat16, got XLA dtype " +
+                                         std::to_string(static_cast<int>(x.element_type())));
   }
 }
 
@@ -351,7 +355,10 @@ ffi::Error DySumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
   Plan p = MakePlan(x.dimensions());
   if (dy.element_type() != x.element_type() || dy.element_count() != x.element_count() ||
       mean.element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument("jaxbn_dy_sums: dy must match x, mean x.shape[:-2] + x.shape[-1:]");
+    return ffi::Error::InvalidArgument(
+        "jaxbn_dy_sums: expected dy of x's dtype and " + std::to_string(x.element_count()) +
+        " elements and mean of " + std::to_string(p.groups * p.channels) + ", got dy of " +
+        std::to_string(dy.element_count()) + " and mean of " + std::to_string(mean.element_count()));
   switch (x.element_type()) {
     case ffi::F32:
       DySums(pool, x.reinterpret_data<float>(), dy.reinterpret_data<float>(), mean.typed_data(), p,
@@ -362,7 +369,8 @@ ffi::Error DySumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
              s1->typed_data(), s2->typed_data());
       return ffi::Error::Success();
     default:
-      return ffi::Error::InvalidArgument("jaxbn_dy_sums: x must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument("jaxbn_dy_sums: x must be float32 or bfloat16, got XLA dtype " +
+                                         std::to_string(static_cast<int>(x.element_type())));
   }
 }
 
