@@ -3,20 +3,36 @@ r"""Synchronized BatchNorm on 8 virtual CPU devices: collectives per layer and s
   python benchmarks/sync.py              # (re-executes with --xla_force_host_platform_device_count=8)
   python benchmarks/sync.py --devices 2  # as many devices as this machine has cores
 
-For one BN layer (training forward + VJP for a random cotangent, gradients for x,
-scale and bias) at equal per-device batch:
+For one BN layer (training forward + VJP, gradients for x, scale and bias) at
+equal per-device batch:
 
 * collectives: counted in the program JAX emits (StableHLO: all_reduce /
   all_gather / reduce_scatter / collective_permute ops) and in the program XLA
   compiles (after its combiners), for the forward alone and for forward+backward
-  (backward = the difference). Under shard_map with checked types a replicated
-  parameter's gradient is summed over devices by autodiff; that all-reduce is
-  counted too (it exists with or without synchronized statistics).
+  (backward = the difference). The data-parallel sum of the parameter gradients
+  is counted too: under shard_map with checked types autodiff emits it for a
+  replicated parameter, under pmap the benchmark's step emits it with ``psum`` (one
+  per parameter; XLA combines them). It exists with or without synchronized
+  statistics; jaxbn's synchronized backward needs no separate one.
 * step time: the synchronized layer (``axis_name='batch'``) against the same
   layer with per-device statistics (``axis_name=None``), under ``shard_map`` and
   ``pmap``, interleaved round by round; overhead = median per-round ratio - 1.
   Flax Linen's synchronized BatchNorm is measured the same way for reference, and
   jaxbn without its CPU kernels (``jaxbn[xla]``, see jaxbn/cpu_kernel.py).
+  The cotangent is a function of the layer's output, ``dy = g * y`` (the loss
+  ``sum(g * y**2) / 2``), as in a network, where the backward cannot start before
+  the forward is done. With an independent cotangent (``--cotangent independent``,
+  the default before 2026-11-23) XLA may compute backward reductions of ``dy``
+  while a device waits at the forward's all-reduce, which hides part of the
+  collective's cost in a way no network can.
+* collective latency: the time one all-reduce of a BN-sized payload adds to a
+  program when it sits on the critical path (programs with 0 and 2 chained
+  all-reduces, interleaved), and from it the least overhead synchronized
+  statistics can have: the all-reduces the synchronized layer adds (compiled
+  program, synchronized minus local: one, since the local layer also sums its
+  parameter gradients over devices) times that latency. Under pmap both variants
+  sum their per-device parameter gradients with ``psum``, as every data-parallel
+  step does (shard_map's autodiff inserts the same sum).
 
 All 8 "devices" share this machine's 2 cores, so the absolute times are those of
 8 small layers run concurrently; the ratios are what this measures. With more
@@ -73,8 +89,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--calls", type=int, default=5, help="calls per sample (the mean is the sample)")
     ap.add_argument("--budget", type=float, default=60, help="seconds of timing per shape (fewer rounds if over)")
     ap.add_argument("--devices", type=int, default=NDEV, help="virtual CPU devices (default 8)")
+    ap.add_argument("--cotangent", choices=("chained", "independent"), default="chained",
+                    help="chained: dy = g * y, as in a network (default); independent: dy = g")
     ap.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--default-allocator", action="store_true")
     args = ap.parse_args(argv)
@@ -127,11 +146,29 @@ def main(argv=None):
                                  mutable=["batch_stats"])[0]
         return f
 
+    chained = args.cotangent == "chained"
+
     def fwd_bwd(f):
         def g(x, dy, s, b):
             y, vjp = jax.vjp(f, x, s, b)
-            return (y,) + tuple(vjp(dy))
+            return (y,) + tuple(vjp(dy * y if chained else dy))  # chained: the loss sum(dy * y**2) / 2
         return g
+
+    def collective_latency(C):
+        """Seconds one all-reduce of a (devices, 3, C) payload adds on the critical path."""
+        def prog(k):
+            def f(x):
+                for _ in range(k):  # each all-reduce depends on the previous one's result
+                    t = jnp.broadcast_to(jnp.sum(x, axis=0), (ndev, 3, C))
+                    x = x + jax.lax.psum(t, "batch")[0, 0] * 1e-6
+                return x
+            return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+        xs = jax.device_put(jax.random.normal(jax.random.key(2), (ndev * 8, C)), shard)
+        fs = {k: prog(k) for k in (0, 2)}
+        calls = 20
+        smp = _common.interleave({k: (lambda f=f: [f(xs) for _ in range(calls)]) for k, f in fs.items()},
+                                 rounds=max(args.rounds, 11), warmup=2)
+        return float(np.median((smp[2] - smp[0]) / calls) / 2)
 
     def shard_map_fns(kind, sync):
         f = layer(kind, sync)
@@ -146,12 +183,16 @@ def main(argv=None):
 
         def g(x, dy, s, b):
             y, dx, ds, db = fwd_bwd(f)(x, dy, s, b)
-            return y, dx, ds, db  # per-device parameter gradients, as under pmap's conventions
+            # Per-device parameter gradients (pmap's convention), summed over devices as
+            # every data-parallel step does (shard_map's autodiff inserts the same sum).
+            ds, db = jax.lax.psum((ds, db), "batch")
+            return y, dx, ds, db
 
         return (jax.pmap(g, axis_name="batch", in_axes=(0, 0, None, None)),
                 jax.pmap(lambda x, dy, s, b: f(x, s, b), axis_name="batch", in_axes=(0, 0, None, None)))
 
-    results = {"environment": env, "devices": ndev, "shapes": {}, "collectives": {}}
+    results = {"environment": env, "devices": ndev, "cotangent": args.cotangent, "shapes": {}, "collectives": {},
+               "collective_latency_s": {}}
     for sname in args.shapes:
         shape = SHAPES[sname]
         gshape = (ndev * shape[0],) + shape[1:]
@@ -182,17 +223,24 @@ def main(argv=None):
                                jaxbn.init_state(C), training=True)[0]
         got = np.asarray(cands["shard_map/jaxbn/sync"]()[0])
         err = float(np.max(np.abs(got - np.asarray(ref))))
-        smp = _common.interleave(cands, rounds=args.rounds, warmup=2, budget_s=args.budget)
+        smp = _common.interleave(cands, rounds=args.rounds, calls=args.calls, warmup=2, budget_s=args.budget)
         row = {"per_device_shape": shape, "global_shape": gshape, "max_abs_err_vs_single_device": err,
                "median_s": {k: float(np.median(v)) for k, v in smp.items()}, "overhead": {}}
         for api in ("shard_map", "pmap"):
             for kind in KINDS:
                 row["overhead"][f"{api}/{kind}"] = _common.ratio(smp, f"{api}/{kind}/sync", f"{api}/{kind}/local") - 1
             row[f"{api}/jaxbn_sync_vs_flax_sync"] = _common.ratio(smp, f"{api}/flax/sync", f"{api}/jaxbn/sync")
+        lat = results["collective_latency_s"].setdefault(C, collective_latency(C))
+        row["collective_latency_s"] = lat
+        row["overhead_floor"] = {}
+        for api in ("shard_map", "pmap"):  # all-reduces the synchronized layer adds, after XLA's combiner
+            extra = sum(coll[f"{api}/jaxbn/sync"][k] - coll[f"{api}/jaxbn/local"][k]
+                        for k in ("compiled_fwd", "compiled_bwd"))
+            row["overhead_floor"][api] = extra * lat / row["median_s"][f"{api}/jaxbn/local"]
         results["shapes"][sname] = row
         results["collectives"] = coll  # the same for every shape
-        print(f"{sname:10s} err {err:.1e} " + "  ".join(
-            f"{k}: +{v:.0%}" for k, v in row["overhead"].items()), flush=True)
+        print(f"{sname:10s} err {err:.1e} all-reduce {lat * 1e6:.0f} us " + "  ".join(
+            f"{k}: {v:+.0%}" for k, v in row["overhead"].items()), flush=True)
 
     rows = [[k, v["emitted_fwd"], v["emitted_bwd"], v["compiled_fwd"], v["compiled_bwd"]]
             for k, v in results["collectives"].items()]
@@ -201,16 +249,23 @@ def main(argv=None):
     rows = []
     for sname, r in results["shapes"].items():
         rows.append([f"{sname} {'×'.join(map(str, r['per_device_shape']))}"] + [
-            f"{r['median_s'][f'{api}/{kind}/sync'] * 1e3:.2f} ms (+{r['overhead'][f'{api}/{kind}']:.0%})"
+            f"{r['median_s'][f'{api}/{kind}/sync'] * 1e3:.2f} ms ({r['overhead'][f'{api}/{kind}']:+.0%})"
             for api in ("shard_map", "pmap") for kind in KINDS] + [
-            f"×{r['shard_map/jaxbn_sync_vs_flax_sync']:.2f}"])
+            f"×{r['shard_map/jaxbn_sync_vs_flax_sync']:.2f}",
+            f"{r['collective_latency_s'] * 1e6:.0f} µs",
+            f"+{r['overhead_floor']['shard_map']:.0%} / +{r['overhead_floor']['pmap']:.0%}"])
     t2 = _common.fmt_table(["per-device shape"] + [f"{api} {kind}" for api in ("shard_map", "pmap") for kind in KINDS]
-                           + ["jaxbn vs flax (sync, shard_map)"], rows)
+                           + ["jaxbn vs flax (sync, shard_map)", "one all-reduce",
+                              "floor shard_map / pmap (jaxbn)"], rows)
     md = (f"Collectives per BN layer ({ndev} devices; emitted = in JAX's program, compiled = after XLA):\n\n{t1}\n\n"
           f"Synchronized layer time (fwd+bwd) and overhead over the same layer with per-device statistics "
-          f"(median of per-round ratios):\n\n{t2}\n")
+          f"(median of per-round ratios), cotangent {args.cotangent}; 'one all-reduce' = the time one all-reduce "
+          f"adds on the critical path, 'floor' = the overhead that alone implies for jaxbn (the all-reduces the "
+          f"synchronized layer adds to the compiled program, times that time):\n\n{t2}\n")
     print(md)
     stem = "sync" if ndev == NDEV else f"sync_{ndev}dev"
+    if not chained:
+        stem += "_independent_dy"
     path = _common.save_json(f"{stem}.json", results)
     with open(os.path.join(_common.RESULTS, f"{stem}.md"), "w") as f:
         f.write(f"Command: `python benchmarks/sync.py {' '.join(sys.argv[1:])}`; load {env['loadavg_start']}.\n\n{md}")
