@@ -7,7 +7,9 @@ What is timed (see peers.py for how each peer is wrapped to compute the same thi
 
 * train: one jitted call ``(y, dx, dscale, dbias, new_mean, new_var) = f(x, dy,
   scale, bias)``: the training-mode forward, the VJP for a fixed random cotangent
-  and the running statistics. Nothing is donated: JAX would alias a donated dy to
+  and the running statistics. ``--cotangent chained`` uses ``dy * y`` instead (a
+  function of the output, as in a network: XLA cannot then overlap backward
+  reductions of dy with the forward; the 5N roofline is the same). Nothing is donated: JAX would alias a donated dy to
   y (the first output of its shape), and XLA then adds two full copies; inside a
   real train step XLA's buffer assignment reuses dead buffers by itself.
 * eval: ``y = g(x, scale, bias, mean, var)`` with running statistics; x is
@@ -78,6 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--donate-dy", action="store_true",
                     help="donate dy in training (JAX then aliases it to y, the first output of its shape, "
                          "and XLA adds two copies: slower, see README)")
+    ap.add_argument("--cotangent", choices=("independent", "chained"), default="independent",
+                    help="chained: the cotangent is dy * y (a function of the output, as in a network; "
+                         "no PyTorch run); default: the fixed random dy")
     ap.add_argument("--no-donate-eval", action="store_true", help="do not donate x in evaluation")
     ap.add_argument("--default-allocator", action="store_true", help="keep glibc's malloc defaults")
     ap.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
@@ -108,6 +113,8 @@ def main(argv=None):
           f"settings {env['settings']}", flush=True)
 
     torch_res = None
+    if args.cotangent != "independent":
+        args.no_torch = True  # torch_bn.py times y.backward(dy) for a fixed dy
     if not args.no_torch:
         torch_res = run_torch([SHAPES[n] for n in names],
                               [] if args.no_bf16 else [SHAPES[n] for n in names if n in BF16_SHAPES], rounds)
@@ -131,7 +138,7 @@ def main(argv=None):
         return neg_oop(oop_src)
 
     results = {"environment": env, "bandwidth_start": bw0, "settings": {
-        "rounds": rounds, "donate_dy_train": donate, "donate_x_eval": donate_eval,
+        "rounds": rounds, "donate_dy_train": donate, "cotangent": args.cotangent, "donate_x_eval": donate_eval,
         "momentum": peers.MOMENTUM, "epsilon": peers.EPS,
         "reference": REF, "roofline_bytes": {"train": "5*N*b", "train_two_sweep": "8*N*b", "eval": "2*N*b"},
         "bandwidth": "a = -a on a donated 256 MiB float32 array, interleaved with every shape"},
@@ -153,7 +160,7 @@ def main(argv=None):
         fns, mem, nkern, errs, traffic = {}, {}, {}, {}, {}
         ref_out = None
         for p in train_peers:
-            f = peers.train_step_fn(p, x, donate=donate)
+            f = peers.train_step_fn(p, x, donate=donate, cotangent=args.cotangent)
             if f is None:
                 continue
             comp = f.lower(x, dy, scale, bias).compile()

@@ -209,15 +209,24 @@ def train_apply(peer: str, x_example) -> Optional[Callable]:
     raise ValueError(f"unknown peer {peer!r}")
 
 
-def train_step_fn(peer: str, x_example, *, donate: bool = False):
-    """Jitted ``f(x, dy, scale, bias)``; with `donate`, dy is donated."""
+def train_step_fn(peer: str, x_example, *, donate: bool = False, cotangent: str = "independent"):
+    """Jitted ``f(x, dy, scale, bias)``; with `donate`, dy is donated.
+
+    `cotangent`: ``"independent"`` differentiates ``sum(dy * y)`` (the VJP for the
+    cotangent dy, as PyTorch's ``y.backward(dy)``); ``"chained"`` differentiates
+    ``sum(dy * y**2) / 2``, whose cotangent ``dy * y`` depends on the output as in a
+    network, so XLA cannot start backward reductions before the forward is done.
+    """
     apply = train_apply(peer, x_example)
     if apply is None:
         return None
+    if cotangent not in ("independent", "chained"):
+        raise ValueError(f"cotangent must be 'independent' or 'chained', got {cotangent!r}")
+    chained = cotangent == "chained"
 
     def f(x, dy, scale, bias):
         y, vjp, (m, v) = jax.vjp(apply, x, scale, bias, has_aux=True)
-        dx, ds, db = vjp(dy)
+        dx, ds, db = vjp(dy * y if chained else dy)
         return y, dx, ds, db, m, v
 
     return jax.jit(f, donate_argnums=(1,) if donate else ())
