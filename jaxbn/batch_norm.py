@@ -18,6 +18,9 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
   masks and empty shards are exact.
 * One collective in the forward pass (an all-reduce of the per-device triples) and
   one in the backward pass (an all-reduce of ``[Σdy, Σdy·(x-μ)]``).
+* Under sharded ``jit`` (no named axis) unmasked statistics are declared with
+  ``custom_partitioning`` (``jaxbn/partitioning.py``): the same per-device triples
+  and the same single all-reduce, instead of XLA's own split of the two passes.
 
 On XLA:CPU the per-device sums (Σx and Σ(x - m)² forward, Σdy and Σdy·(x - μ)
 backward) come from one-sweep C++ kernels when the features are the trailing axes
@@ -41,7 +44,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from jaxbn import cpu_kernel
+from jaxbn import cpu_kernel, partitioning
 
 __all__ = [
     "BatchNormState",
@@ -294,15 +297,25 @@ def _private(*arrays):
     return jax.lax.optimization_barrier(arrays)
 
 
-def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel: Optional[bool] = None):
-    """Per-device count, mean and M2 = Σ (x - mean)² in float32 (float64 for float64 x)."""
+def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel: Optional[bool] = None,
+                   sharded: Optional[bool] = None):
+    """Per-device count, mean and M2 = Σ (x - mean)² in float32 (float64 for float64 x).
+
+    `sharded`: whether the program may be split by XLA's SPMD partitioner (default:
+    ``partitioning.active()``); unmasked statistics then go through
+    jaxbn/partitioning.py (one all-reduce, each device's rows computed here).
+    """
     red, b = lay.reduce_axes, lay.b
     dt = _stat_dtype(x.dtype)
     if kernel is None:
         kernel = cpu_kernel.usable(x, lay.feature_axes)
+    if sharded is None:
+        sharded = partitioning.active()
     if mask is None:
         n = math.prod(x.shape[a] for a in red)
-        if kernel:  # one sweep over x instead of two (see jaxbn/cpu_kernel.py)
+        if sharded and x.size:
+            m, m2 = partitioning.moments(x, lay.feature_axes, kernel)
+        elif kernel:  # one sweep over x instead of two (see jaxbn/cpu_kernel.py)
             m, m2 = _vary_like(cpu_kernel.moments(x, len(lay.feature_axes)), x)
         else:
             (xa,) = _private(x)  # each reduction reads x through its own barrier (see _private)
@@ -496,7 +509,9 @@ def _train_bwd(cfg: _Config, res, cts):
     x32, dy32 = x.astype(dt), dy.astype(dt)
     xc = x32 - lay.b(mean)
     red = lay.reduce_axes
-    if cfg.kernel and dy.dtype == x.dtype:  # one sweep over x and dy (see jaxbn/cpu_kernel.py)
+    if cfg.kernel and dy.dtype == x.dtype and partitioning.active():  # sharded jit (see jaxbn/partitioning.py)
+        s = jnp.stack(partitioning.dy_sums(x, dy, mean, len(lay.feature_axes)))
+    elif cfg.kernel and dy.dtype == x.dtype:  # one sweep over x and dy (see jaxbn/cpu_kernel.py)
         s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, len(lay.feature_axes)), x, dy, mean))
     else:
         # Each reduction reads x and dy through its own barrier (see _private).

@@ -17,10 +17,12 @@ uses the XLA formulation: same results, 25 % more memory traffic.
 ``JAXBN_CPU_KERNEL`` (or ``with jaxbn.cpu_kernel.use(...)``) chooses: ``auto``
 (default) uses the kernels where they are safe and fast, ``0`` never, ``1``
 wherever they are available (tests use it to run them on a multi-device host).
-``auto`` means: the CPU backend, and either a single device or inside a
-``shard_map`` (or ``pmap``, built on it) whose mesh axes are all manual, i.e. a
-program that XLA will not partition. (Under sharded ``jit`` XLA's partitioner
-does not know the custom call and would gather its operands onto every device.)
+``auto`` means: the CPU backend, and either a single device, a ``shard_map`` (or
+``pmap``, built on it) whose mesh axes are all manual, or a program XLA's SPMD
+partitioner splits (sharded ``jit``), where jaxbn/partitioning.py declares how
+the kernels' work divides among devices (the partitioner itself does not know a
+custom call and would gather its operands onto every device). Inside a partially
+manual ``shard_map`` they are not used.
 The kernels take float32 and bfloat16 x with the features on the trailing axes,
 without a mask; anything else goes to the XLA formulation.
 
@@ -48,6 +50,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxbn import partitioning
 
 __all__ = ["available", "build_error", "mode", "use", "moments", "dy_sums", "usable"]
 
@@ -169,8 +173,8 @@ def usable(x: jax.Array, feature_axes: tuple) -> bool:
         return False
     if feature_axes != tuple(range(x.ndim - len(feature_axes), x.ndim)) or x.size == 0:
         return False
-    if m == "auto" and not _unpartitioned():
-        return False
+    if m == "auto" and not (_unpartitioned() or partitioning.active()):
+        return False  # a partially manual shard_map: the XLA formulation
     return available()
 
 

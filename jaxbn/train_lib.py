@@ -203,8 +203,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
 
     `norm='jaxbn'` uses `jaxbn.linen.BatchNorm`, `'flax'` uses
     `flax.linen.BatchNorm`, both with ``axis_name='batch'`` under shard_map and
-    pmap, and ``axis_name=None`` under sharded jit (where XLA makes the
-    statistics global).
+    pmap, and ``axis_name=None`` under sharded jit (where the statistics are
+    global: jaxbn/partitioning.py merges them in one all-reduce).
     """
     axis_name = None if config.parallel == "jit" else AXIS
     cls = bn_linen.BatchNorm if config.norm == "jaxbn" else nn.BatchNorm

@@ -1,0 +1,146 @@
+"""BatchNorm under sharded jit (jaxbn/partitioning.py): the global batch's statistics,
+one all-reduce forward and one backward, no gathered operands, CPU kernels on each
+device's rows. Oracle: float64 NumPy on the whole batch (tests/oracle.py)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn import cpu_kernel
+from oracle import RTOL, np_batch_norm, np_moments, rel_err
+
+C = 8
+SHAPE = (16, 3, 4, C)
+
+
+def _data(shape, mean, std, seed):
+    return (np.random.default_rng(seed).standard_normal(shape) * std + mean).astype(np.float32)
+
+
+X = _data(SHAPE, 30.0, 2.0, 0)  # mean ≫ std: a one-pass E[x²] - E[x]² would lose digits
+W = _data(SHAPE, 0.0, 1.0, 1)
+PARAMS = {"scale": _data((C,), 1.0, 0.3, 2), "bias": _data((C,), 0.0, 1.0, 3)}
+
+
+def _loss(x, p):
+    y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(C), training=True, momentum=0.0)
+    return jnp.sum(W * y**2), (y, st)  # a cotangent that depends on y
+
+
+_grad = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True))
+_fwd = jax.jit(lambda x, p: _loss(x, p)[1])
+
+
+def _reference():
+    """Single device, the XLA formulation: y and state against the oracle here, gradients
+    from jax.grad of the same math (tests/test_batch_norm.py checks those against FD)."""
+    x = jax.device_put(X, jax.devices()[0])
+    with cpu_kernel.use("0"):
+        (_, (y, st)), (dx, dp) = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True))(x, PARAMS)
+    y_ref, m_ref, v_ref, _ = np_batch_norm(X, PARAMS["scale"], PARAMS["bias"])
+    assert rel_err(y, y_ref) < RTOL["float32"]
+    assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
+    return y_ref, m_ref, v_ref, np.asarray(dx), jax.tree.map(np.asarray, dp)
+
+
+REF = None
+
+
+def _ref():
+    global REF
+    if REF is None:
+        REF = _reference()
+    return REF
+
+
+def _mesh2d():
+    return jax.make_mesh((4, 2), ("b", "f"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+SPECS = {
+    "batch": ((8,), ("b",), P("b")),
+    "batch_and_features": ((4, 2), ("b", "f"), P("b", None, None, "f")),
+    "width": ((2, 4), ("b", "w"), P("b", None, "w")),  # a spatial axis sharded too
+}
+
+
+def _put(spec_name):
+    shape, names, spec = SPECS[spec_name]
+    mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    return jax.device_put(X, NamedSharding(mesh, spec))
+
+
+def _collectives(hlo: str) -> dict:
+    return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ("all-reduce", "all-gather", "all-to-all")}
+
+
+@pytest.mark.parametrize("kernel", ["auto", "0"])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_sharded_jit_equals_the_global_batch(spec_name, kernel, ndev):
+    y_ref, m_ref, v_ref, dx_ref, dp_ref = _ref()
+    x = _put(spec_name)
+    with cpu_kernel.use(kernel):
+        (_, (y, st)), (dx, dp) = _grad(x, PARAMS)
+    assert rel_err(y, y_ref) < RTOL["float32"]
+    assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
+    assert rel_err(dx, dx_ref) < 1e-4
+    assert rel_err(dp["scale"], dp_ref["scale"]) < 1e-4 and rel_err(dp["bias"], dp_ref["bias"]) < 1e-4
+    assert y.sharding.is_equivalent_to(x.sharding, x.ndim) and dx.sharding.is_equivalent_to(x.sharding, x.ndim)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "0"])
+def test_sharded_jit_one_all_reduce_each_way_nothing_gathered(kernel, ndev):
+    x = _put("batch")
+    with cpu_kernel.use(kernel):
+        fwd = _collectives(_fwd.lower(x, PARAMS).compile().as_text())
+        hlo = _grad.lower(x, PARAMS).compile().as_text()
+    both = _collectives(hlo)
+    assert fwd == {"all-reduce": 1, "all-gather": 0, "all-to-all": 0}, fwd
+    assert both == {"all-reduce": 2, "all-gather": 0, "all-to-all": 0}, both
+    if kernel == "auto" and cpu_kernel.available():
+        rows = SHAPE[0] // 8 * SHAPE[1] * SHAPE[2]  # each device's 2 of 16 examples: 24 rows of 8 features
+        for name in ("jaxbn_moments", "jaxbn_dy_sums"):
+            assert re.search(rf'custom_call_target="{name}", operand_layout_constraints={{f32\[{rows},{C}\]', hlo), name
+
+
+def test_moments_sharded_jit_jvp_and_vmap(ndev):
+    x = _put("batch_and_features")
+    t = jnp.asarray(_data(SHAPE, 0.0, 1.0, 5))
+    m_ref, v_ref = np_moments(X)[:2]
+
+    f = jax.jit(lambda x: jaxbn.moments(x))
+    st = f(x)
+    assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
+
+    # JVP: d var = 2·Σ(x - mean)·t / n, d mean = Σt / n.
+    xc = X.astype(np.float64) - m_ref
+    n = X.size // C
+    _, tan = jax.jit(lambda x, t: jax.jvp(lambda x: jaxbn.moments(x), (x,), (t,)))(x, t)
+    assert rel_err(tan.mean, np.asarray(t, np.float64).reshape(-1, C).sum(0) / n) < RTOL["float32"]
+    assert rel_err(tan.var, 2 * (xc * np.asarray(t, np.float64)).reshape(-1, C).sum(0) / n) < 1e-4
+
+    # vmap inside sharded jit: per-example statistics, as without sharding.
+    per = jax.jit(jax.vmap(lambda x: jaxbn.moments(x).var))(x)
+    want = np.stack([np_moments(X[i])[1] for i in range(SHAPE[0])])
+    assert rel_err(per, want) < RTOL["float32"]
+
+
+def test_partially_manual_shard_map_uses_the_xla_formulation(ndev):
+    """shard_map over one axis of a 2-D mesh: the other axis is still partitioned by XLA."""
+    mesh = _mesh2d()
+
+    def body(x, p):
+        with cpu_kernel.use("auto"):
+            return jaxbn.batch_norm(x, p, jaxbn.init_state(C), training=True, axis_name="b")[0]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("b"), P()), out_specs=P("b"), axis_names={"b"}))
+    x = jax.device_put(X, NamedSharding(mesh, P("b")))
+    hlo = f.lower(x, PARAMS).compile().as_text()
+    assert "jaxbn_" not in hlo
+    assert rel_err(f(x, PARAMS), np_batch_norm(X, PARAMS["scale"], PARAMS["bias"])[0]) < RTOL["float32"]
