@@ -221,11 +221,17 @@ def _dy_sums_rows_jvp(primals, tangents):
     # S1 = Σdy,  S2 = Σdy·(x - μ):  dS1 = Σd(dy),  dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1.
     (xr, dyr, mean), (tx, tdy, tm) = primals, tangents
     s1, s2 = _dy_sums_rows(xr, dyr, mean)
+    return (s1, s2), dy_sums_tangents(xr, dyr, mean, s1, tx, tdy, tm, (0,))
+
+
+def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):
+    """Tangents of (S1, S2) = (Σdy, Σdy·(x - μ)) over axes `red`, features trailing:
+    dS1 = Σd(dy),  dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1."""
     f32 = jnp.float32
     tdy = tdy.astype(f32)
-    ds1 = jnp.sum(tdy, 0)
-    ds2 = jnp.sum(tdy * (xr.astype(f32) - mean), 0) + jnp.sum(dyr.astype(f32) * tx.astype(f32), 0) - tm * s1
-    return (s1, s2), (ds1, ds2)
+    ds1 = jnp.sum(tdy, red)
+    ds2 = jnp.sum(tdy * (x.astype(f32) - mean), red) + jnp.sum(dy.astype(f32) * tx.astype(f32), red) - tm * s1
+    return ds1, ds2
 
 
 def moments(x: jax.Array, nf: int):

@@ -82,6 +82,22 @@ def _vmappable(fun, plain):
     return wrapped
 
 
+def _declare(fun, partition, ndim: int, feature_axes: tuple, n_like_x: int, n_vectors: int):
+    """`fun` as a custom_partitioning op whose two results are feature vectors sharded
+    like x's feature axes (batched under vmap as plain `fun`)."""
+
+    def infer(mesh, arg_shapes, result_shape):
+        spec = _spec(arg_shapes[0].sharding, ndim)
+        out = NamedSharding(mesh, P(*(spec[a] for a in feature_axes)))
+        return out, out
+
+    op = custom_partitioning(fun)
+    rule, reduced = _rule(ndim, feature_axes, n_like_x, n_vectors)
+    op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                     reduction_factors=reduced)
+    return _vmappable(op, fun)
+
+
 @functools.lru_cache(maxsize=None)
 def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
     """x -> (mean, M2) over the non-feature axes of the whole (sharded) x."""
@@ -109,15 +125,7 @@ def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
 
         return mesh, lower_fn, (out, out), (NamedSharding(mesh, P(*spec)),)
 
-    def infer(mesh, arg_shapes, result_shape):
-        out = shardings(mesh, arg_shapes[0])[1]
-        return out, out
-
-    op = custom_partitioning(plain)
-    rule, reduced = _rule(ndim, feature_axes, 1, 0)
-    op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                     reduction_factors=reduced)
-    op = _vmappable(op, plain)
+    op = _declare(plain, partition, ndim, feature_axes, 1, 0)
 
     # custom_partitioning has no differentiation rule: the JVP in jnp (XLA partitions it).
     @jax.custom_jvp
@@ -168,15 +176,7 @@ def _dy_sums_op(ndim: int, nf: int):
 
         return mesh, lower_fn, (vec, vec), (xs, xs, vec)
 
-    def infer(mesh, arg_shapes, result_shape):
-        vec = shardings(mesh, arg_shapes[0])[1]
-        return vec, vec
-
-    op = custom_partitioning(local)
-    rule, reduced = _rule(ndim, feature_axes, 2, 1)
-    op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                     reduction_factors=reduced)
-    op = _vmappable(op, local)
+    op = _declare(local, partition, ndim, feature_axes, 2, 1)
     red = tuple(range(ndim - nf))
 
     @jax.custom_jvp
@@ -185,15 +185,9 @@ def _dy_sums_op(ndim: int, nf: int):
 
     @f.defjvp
     def _jvp(primals, tangents):
-        # S1 = Σdy,  S2 = Σdy·(x - μ):  dS1 = Σd(dy),  dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1.
         (x, dy, mean), (tx, tdy, tm) = primals, tangents
         s1, s2 = f(x, dy, mean)
-        f32 = jnp.float32
-        tdy = tdy.astype(f32)
-        ds1 = jnp.sum(tdy, red)
-        ds2 = (jnp.sum(tdy * (x.astype(f32) - mean), red) + jnp.sum(dy.astype(f32) * tx.astype(f32), red)
-               - tm * s1)
-        return (s1, s2), (ds1, ds2)
+        return (s1, s2), cpu_kernel.dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red)
 
     return f
 
