@@ -202,13 +202,18 @@ def _moments_rows(xr):
 
 @_moments_rows.defjvp
 def _moments_rows_jvp(primals, tangents):
-    # mean = Σx/n, M2 = Σ(x - mean)²:  d mean = Σdx/n,  d M2 = 2·Σ(x - mean)·dx  (as Σ(x - mean) = 0).
     (xr,), (t,) = primals, tangents
     mean, m2 = _moments_rows(xr)
-    t = t.astype(jnp.float32)
-    dmean = jnp.sum(t, 0) / max(xr.shape[0], 1)
-    dm2 = 2 * jnp.sum((xr.astype(jnp.float32) - mean) * t, 0)
-    return (mean, m2), (dmean, dm2)
+    return (mean, m2), moments_tangents(xr, mean, t, (0,))
+
+
+def moments_tangents(x, mean, t, red):
+    """Tangents of (mean, M2) over axes `red` (`mean` broadcastable against x):
+    mean = Σx/n, M2 = Σ(x - mean)²:  d mean = Σdx/n,  d M2 = 2·Σ(x - mean)·dx  (as Σ(x - mean) = 0)."""
+    dt = mean.dtype
+    n = max(int(np.prod([x.shape[a] for a in red], dtype=np.int64)), 1)
+    t = t.astype(dt)
+    return jnp.sum(t, red) / n, 2 * jnp.sum((x.astype(dt) - mean) * t, red)
 
 
 @jax.custom_jvp

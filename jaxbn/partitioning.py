@@ -62,6 +62,12 @@ def _mesh_axes(entries) -> tuple:
     return tuple(names)
 
 
+def _shardings(mesh, x, feature_axes: tuple):
+    """x's partition spec (one entry per axis) and the sharding of its feature vectors."""
+    spec = _spec(x.sharding, len(x.shape))
+    return spec, NamedSharding(mesh, P(*(spec[a] for a in feature_axes)))
+
+
 def _rule(ndim: int, feature_axes: tuple, n_like_x: int, n_vectors: int) -> tuple[str, tuple]:
     """Shardy's einsum-like rule: x-shaped operands, feature vectors, two feature-shaped results."""
     f = [f"d{a}" for a in range(ndim)]
@@ -87,8 +93,7 @@ def _declare(fun, partition, ndim: int, feature_axes: tuple, n_like_x: int, n_ve
     like x's feature axes (batched under vmap as plain `fun`)."""
 
     def infer(mesh, arg_shapes, result_shape):
-        spec = _spec(arg_shapes[0].sharding, ndim)
-        out = NamedSharding(mesh, P(*(spec[a] for a in feature_axes)))
+        out = _shardings(mesh, arg_shapes[0], feature_axes)[1]
         return out, out
 
     op = custom_partitioning(fun)
@@ -102,6 +107,7 @@ def _declare(fun, partition, ndim: int, feature_axes: tuple, n_like_x: int, n_ve
 def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
     """x -> (mean, M2) over the non-feature axes of the whole (sharded) x."""
     bn = importlib.import_module("jaxbn.batch_norm")  # the core imports this module
+    from jaxbn import cpu_kernel
 
     red = tuple(a for a in range(ndim) if a not in feature_axes)
 
@@ -111,12 +117,8 @@ def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
     def plain(x):
         return local(x)[1:]
 
-    def shardings(mesh, x):
-        spec = _spec(x.sharding, ndim)
-        return spec, NamedSharding(mesh, P(*(spec[a] for a in feature_axes)))
-
     def partition(mesh, arg_shapes, result_shape):
-        spec, out = shardings(mesh, arg_shapes[0])
+        spec, out = _shardings(mesh, arg_shapes[0], feature_axes)
         names = _mesh_axes(spec[a] for a in red) or None
 
         def lower_fn(x):
@@ -134,16 +136,10 @@ def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
 
     @f.defjvp
     def _jvp(primals, tangents):
-        # d mean = Σdx/n,  d M2 = 2·Σ(x - mean)·dx  (as Σ(x - mean) = 0).
         (x,), (t,) = primals, tangents
         mean, m2 = f(x)
-        dt = mean.dtype
         bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(ndim))
-        n = max(x.size // max(mean.size, 1), 1)
-        t = t.astype(dt)
-        dmean = jnp.sum(t, red) / n
-        dm2 = 2 * jnp.sum((x.astype(dt) - mean.reshape(bshape)) * t, red)
-        return (mean, m2), (dmean, dm2)
+        return (mean, m2), cpu_kernel.moments_tangents(x, mean.reshape(bshape), t, red)
 
     return f
 
@@ -159,12 +155,8 @@ def _dy_sums_op(ndim: int, nf: int):
     def local(x, dy, mean):
         return cpu_kernel.dy_sums(x, dy, mean, nf)
 
-    def shardings(mesh, x):
-        spec = _spec(x.sharding, ndim)
-        return spec, NamedSharding(mesh, P(*(spec[a] for a in feature_axes)))
-
     def partition(mesh, arg_shapes, result_shape):
-        spec, vec = shardings(mesh, arg_shapes[0])
+        spec, vec = _shardings(mesh, arg_shapes[0], feature_axes)
         names = _mesh_axes(spec[: ndim - nf])
         xs = NamedSharding(mesh, P(*spec))
 
