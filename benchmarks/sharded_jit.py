@@ -6,8 +6,10 @@ Times the training layer's gradient (loss sum(g * y**2), x sharded over the batc
 three ways in one process, interleaved: "before" = XLA's SPMD partitioner splits the
 core's reductions itself (partitioning turned off, kernels off: what jaxbn did
 before); the custom_partitioning path with the XLA formulation; and with the CPU
-kernels on each device's rows (the default). Counts all-reduces and all-gathers in
-the compiled program. Results: results/sharded_jit.json.
+kernels on each device's rows (the default). Then the same with a per-example mask
+(the last eighth of the examples left out, as in a padded last batch), where the
+kernels do not apply: "before" against the custom_partitioning path. Counts
+all-reduces and all-gathers in the compiled program. Results: results/sharded_jit.json.
 """
 
 from __future__ import annotations
@@ -38,37 +40,40 @@ def main():
     env = _common.environment()
     mesh = jax.make_mesh((2,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
     variants = (("before", "0", False), ("partitioned[xla]", "0", True), ("partitioned+kernels", "auto", True))
-    results = {"environment": env, "shapes": {}}
+    results = {"environment": env, "shapes": {}, "masked": {}}
     orig = partitioning.active
-    for shape in SHAPES:
-        C = shape[-1]
-        sh = NamedSharding(mesh, P("b"))
-        x = jax.device_put(jax.random.normal(jax.random.key(0), shape), sh)
-        g = jax.device_put(jax.random.normal(jax.random.key(1), shape), sh)
-        p = {"scale": jnp.ones(C), "bias": jnp.zeros(C)}
+    for masked in (False, True):
+        for shape in SHAPES:
+            C = shape[-1]
+            sh = NamedSharding(mesh, P("b"))
+            x = jax.device_put(jax.random.normal(jax.random.key(0), shape), sh)
+            g = jax.device_put(jax.random.normal(jax.random.key(1), shape), sh)
+            p = {"scale": jnp.ones(C), "bias": jnp.zeros(C)}
+            mask = jax.device_put((np.arange(shape[0]) < shape[0] * 7 // 8).reshape(-1, 1, 1, 1), sh) if masked else None
 
-        def loss(x, p):
-            return jnp.sum(g * jaxbn.batch_norm(x, p, jaxbn.init_state(C), training=True)[0] ** 2)
+            def loss(x, p, mask):  # the mask is an input, as a padded batch's would be
+                y = jaxbn.batch_norm(x, p, jaxbn.init_state(C), training=True, mask=mask)[0]
+                return jnp.sum(g * y**2)
 
-        fs, coll = {}, {}
-        try:
-            for name, mode, part in variants:
-                partitioning.active = orig if part else (lambda: False)
-                with cpu_kernel.use(mode):
-                    f = jax.jit(jax.grad(loss, argnums=(0, 1)))
-                    hlo = f.lower(x, p).compile().as_text()
-                fs[name] = f
-                coll[name] = {"all-reduce": hlo.count("all-reduce("), "all-gather": hlo.count("all-gather(")}
-        finally:
-            partitioning.active = orig
-        smp = _common.interleave({k: (lambda f=f: [f(x, p) for _ in range(5)]) for k, f in fs.items()},
-                                 rounds=15, warmup=2)
-        row = {"collectives": coll, "median_ms": {k: float(np.median(v) / 5 * 1e3) for k, v in smp.items()},
-               "speedup_vs_before": {k: _common.ratio(smp, "before", k) for k in smp}}
-        results["shapes"]["x".join(map(str, shape))] = row
-        for k in fs:
-            print(f"{'x'.join(map(str, shape))} {k:20s} {row['median_ms'][k]:.2f} ms  x{row['speedup_vs_before'][k]:.2f}  "
-                  f"{coll[k]}", flush=True)
+            fs, coll = {}, {}
+            try:
+                for name, mode, part in variants[:2] if masked else variants:
+                    partitioning.active = orig if part else (lambda: False)
+                    with cpu_kernel.use(mode):
+                        f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+                        hlo = f.lower(x, p, mask).compile().as_text()
+                    fs[name] = f
+                    coll[name] = {"all-reduce": hlo.count("all-reduce("), "all-gather": hlo.count("all-gather(")}
+            finally:
+                partitioning.active = orig
+            smp = _common.interleave({k: (lambda f=f: [f(x, p, mask) for _ in range(5)]) for k, f in fs.items()},
+                                     rounds=15, warmup=2)
+            row = {"collectives": coll, "median_ms": {k: float(np.median(v) / 5 * 1e3) for k, v in smp.items()},
+                   "speedup_vs_before": {k: _common.ratio(smp, "before", k) for k in smp}}
+            results["masked" if masked else "shapes"]["x".join(map(str, shape))] = row
+            for k in fs:
+                print(f"{'masked ' if masked else ''}{'x'.join(map(str, shape))} {k:20s} {row['median_ms'][k]:.2f} ms  "
+                      f"x{row['speedup_vs_before'][k]:.2f}  {coll[k]}", flush=True)
     print(f"wrote {_common.save_json('sharded_jit.json', results)}")
 
 

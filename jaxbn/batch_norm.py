@@ -18,7 +18,7 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
   masks and empty shards are exact.
 * One collective in the forward pass (an all-reduce of the per-device triples) and
   one in the backward pass (an all-reduce of ``[Σdy, Σdy·(x-μ)]``).
-* Under sharded ``jit`` (no named axis) unmasked statistics are declared with
+* Under sharded ``jit`` (no named axis) the statistics (masked or not) are declared with
   ``custom_partitioning`` (``jaxbn/partitioning.py``): the same per-device triples
   and the same single all-reduce, instead of XLA's own split of the two passes.
 
@@ -302,7 +302,7 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
     """Per-device count, mean and M2 = Σ (x - mean)² in float32 (float64 for float64 x).
 
     `sharded`: whether the program may be split by XLA's SPMD partitioner (default:
-    ``partitioning.active()``); unmasked statistics then go through
+    ``partitioning.active()``); the statistics then go through
     jaxbn/partitioning.py (one all-reduce, each device's rows computed here).
     """
     red, b = lay.reduce_axes, lay.b
@@ -323,8 +323,9 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
             xb, mb = _private(x, m)
             m2 = jnp.sum(jnp.square(xb.astype(dt) - b(mb)), red)
         n = jnp.full(lay.feature_shape, n, dt)
+    elif sharded and x.size:
+        n, m, m2 = partitioning.masked_moments(x, mask, lay.feature_axes)
     else:
-        n = jnp.sum(jnp.broadcast_to(mask, x.shape), red, dtype=dt)
         # Reduced axes along which the mask is constant (e.g. H, W for a per-example
         # mask) are summed first, without the mask; the mask then selects among the
         # partial sums. XLA:CPU's reductions do not absorb a select, so masking x
@@ -332,6 +333,12 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
         # masked-out entries may be anything (even NaN): they are selected away.
         k = (1,) * (x.ndim - mask.ndim) + mask.shape
         inner = tuple(a for a in red if k[a] == 1)
+        # The count from the mask's own entries, times the size of the axes it is
+        # broadcast along: summing the mask broadcast to x's shape costs XLA:CPU more
+        # than both passes over x (12 ms against 1 ms at 16×56×56×64, per-example mask).
+        n = jnp.sum(jnp.reshape(mask, k), tuple(a for a in red if k[a] != 1), dtype=dt, keepdims=True)
+        n = n * math.prod(x.shape[a] for a in inner)
+        n = jnp.broadcast_to(jnp.squeeze(n, red), lay.feature_shape)
 
         def masked_sum(v, keep):
             if inner:

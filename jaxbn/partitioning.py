@@ -12,8 +12,10 @@ Here the per-device work is declared with
 (n, mean, M2), with the one-sweep CPU kernel where usable, and the same single
 all-reduce and Chan merge that ``batch_norm(axis_name=...)`` uses under
 ``shard_map`` combine them — the result is what one device would compute on the
-whole array. Feature axes may be sharded too (each device then holds its
-features' statistics); no operand is gathered. The backward's sums
+whole array. With a mask, each device counts its unmasked entries (n may be 0:
+an empty shard adds nothing); the mask is sharded like x along the axes it
+shares with x and broadcast along its size-1 axes. Feature axes may be sharded
+too (each device then holds its features' statistics); no operand is gathered. The backward's sums
 (Σdy, Σdy·(x - mean)) are linear, so there each device sums its rows and one
 all-reduce adds them up.
 
@@ -38,7 +40,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["active", "moments", "dy_sums"]
+__all__ = ["active", "moments", "masked_moments", "dy_sums"]
 
 
 def active() -> bool:
@@ -68,39 +70,50 @@ def _shardings(mesh, x, feature_axes: tuple):
     return spec, NamedSharding(mesh, P(*(spec[a] for a in feature_axes)))
 
 
-def _rule(ndim: int, feature_axes: tuple, n_like_x: int, n_vectors: int) -> tuple[str, tuple]:
-    """Shardy's einsum-like rule: x-shaped operands, feature vectors, two feature-shaped results."""
+def _rule(ndim: int, feature_axes: tuple, operands: tuple, n_results: int) -> tuple[str, tuple]:
+    """Shardy's einsum-like rule. `operands`: per operand, "x" (x-shaped), "f" (a feature
+    vector) or a tuple of booleans (an x-rank array whose axis a is x's where True, of size
+    1 where False: a broadcast mask). Results: `n_results` feature vectors."""
     f = [f"d{a}" for a in range(ndim)]
     feat = " ".join(f[a] for a in feature_axes)
-    ops = [" ".join(f)] * n_like_x + [feat] * n_vectors
-    return f"{', '.join(ops)} -> {feat}, {feat}", tuple(f[a] for a in range(ndim) if a not in feature_axes)
+    ops, extra = [], []
+    for i, o in enumerate(operands):
+        if o == "x":
+            ops.append(" ".join(f))
+        elif o == "f":
+            ops.append(feat)
+        else:
+            own = [f"o{i}_{a}" for a in range(ndim) if not o[a]]
+            extra += own
+            ops.append(" ".join(f[a] if o[a] else f"o{i}_{a}" for a in range(ndim)))
+    reduced = tuple(f[a] for a in range(ndim) if a not in feature_axes) + tuple(extra)
+    return f"{', '.join(ops)} -> {', '.join([feat] * n_results)}", reduced
 
 
-def _vmappable(fun, plain):
+def _vmappable(fun, plain, n_results: int):
     """`fun`, batched under vmap as `plain` (custom_partitioning has no batching rule)."""
     wrapped = jax.custom_batching.custom_vmap(fun)
 
     @wrapped.def_vmap
     def _rule(axis_size, in_batched, *args):
         args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
-        return jax.vmap(plain)(*args), (True, True)
+        return jax.vmap(plain)(*args), (True,) * n_results
 
     return wrapped
 
 
-def _declare(fun, partition, ndim: int, feature_axes: tuple, n_like_x: int, n_vectors: int):
-    """`fun` as a custom_partitioning op whose two results are feature vectors sharded
-    like x's feature axes (batched under vmap as plain `fun`)."""
+def _declare(fun, partition, ndim: int, feature_axes: tuple, operands: tuple, n_results: int = 2):
+    """`fun` as a custom_partitioning op whose results are feature vectors sharded like
+    x's feature axes (batched under vmap as plain `fun`); `operands` as in `_rule`."""
 
     def infer(mesh, arg_shapes, result_shape):
-        out = _shardings(mesh, arg_shapes[0], feature_axes)[1]
-        return out, out
+        return (_shardings(mesh, arg_shapes[0], feature_axes)[1],) * n_results
 
     op = custom_partitioning(fun)
-    rule, reduced = _rule(ndim, feature_axes, n_like_x, n_vectors)
+    rule, reduced = _rule(ndim, feature_axes, operands, n_results)
     op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                      reduction_factors=reduced)
-    return _vmappable(op, fun)
+    return _vmappable(op, fun, n_results)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,7 +140,7 @@ def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
 
         return mesh, lower_fn, (out, out), (NamedSharding(mesh, P(*spec)),)
 
-    op = _declare(plain, partition, ndim, feature_axes, 1, 0)
+    op = _declare(plain, partition, ndim, feature_axes, ("x",))
 
     # custom_partitioning has no differentiation rule: the JVP in jnp (XLA partitions it).
     @jax.custom_jvp
@@ -140,6 +153,48 @@ def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
         mean, m2 = f(x)
         bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(ndim))
         return (mean, m2), cpu_kernel.moments_tangents(x, mean.reshape(bshape), t, red)
+
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _masked_moments_op(ndim: int, feature_axes: tuple, mask_axes: tuple):
+    """(x, mask) -> (n, mean, M2) over the non-feature axes of the whole x, counting
+    only entries where the mask is true. The mask has x's rank; `mask_axes[a]` says
+    whether its axis a is x's (sharded like x's) or of size 1 (broadcast)."""
+    bn = importlib.import_module("jaxbn.batch_norm")
+
+    red = tuple(a for a in range(ndim) if a not in feature_axes)
+
+    def local(x, mask):  # this device's rows: (n, mean, M2) of its unmasked entries
+        return bn._local_moments(x, mask, bn._layout(x, feature_axes), False, sharded=False)
+
+    def partition(mesh, arg_shapes, result_shape):
+        spec, out = _shardings(mesh, arg_shapes[0], feature_axes)
+        names = _mesh_axes(spec[a] for a in red) or None
+        mspec = P(*(spec[a] if mask_axes[a] else None for a in range(ndim)))
+
+        def lower_fn(x, mask):
+            return bn._merge_moments(*local(x, mask), names, None)
+
+        return mesh, lower_fn, (out,) * 3, (NamedSharding(mesh, P(*spec)), NamedSharding(mesh, mspec))
+
+    op = _declare(local, partition, ndim, feature_axes, ("x", mask_axes), 3)
+
+    @jax.custom_jvp
+    def f(x, mask):
+        return op(x, mask)
+
+    @f.defjvp
+    def _jvp(primals, tangents):
+        # d mean = Σ_M t / n,  d M2 = 2·Σ_M (x - mean)·t;  the count has no tangent.
+        (x, mask), (t, _) = primals, tangents
+        n, mean, m2 = f(x, mask)
+        bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(ndim))
+        dt = mean.dtype
+        t = jnp.where(mask, t.astype(dt), 0)
+        xc = jnp.where(mask, x.astype(dt) - mean.reshape(bshape), 0)
+        return (n, mean, m2), (jnp.zeros_like(n), jnp.sum(t, red) / jnp.maximum(n, 1), 2 * jnp.sum(xc * t, red))
 
     return f
 
@@ -168,7 +223,7 @@ def _dy_sums_op(ndim: int, nf: int):
 
         return mesh, lower_fn, (vec, vec), (xs, xs, vec)
 
-    op = _declare(local, partition, ndim, feature_axes, 2, 1)
+    op = _declare(local, partition, ndim, feature_axes, ("x", "x", "f"))
     red = tuple(range(ndim - nf))
 
     @jax.custom_jvp
@@ -188,6 +243,14 @@ def moments(x: jax.Array, feature_axes: tuple, kernel: bool):
     """(mean, M2) in float32 over the non-feature axes of the whole x: each device's
     rows by the core's local two-pass (the CPU kernel if `kernel`), one all-reduce."""
     return _moments_op(x.ndim, tuple(feature_axes), bool(kernel))(x)
+
+
+def masked_moments(x: jax.Array, mask: jax.Array, feature_axes: tuple):
+    """(n, mean, M2) in float32 of the unmasked entries of the whole x (`mask` boolean,
+    broadcastable to x): each device's rows by the core's masked two-pass, one all-reduce."""
+    mask = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+    mask_axes = tuple(mask.shape[a] == x.shape[a] for a in range(x.ndim))  # else of size 1
+    return _masked_moments_op(x.ndim, tuple(feature_axes), mask_axes)(x, mask)
 
 
 def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, nf: int):

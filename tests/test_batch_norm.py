@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import jax.extend.core
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -221,6 +222,28 @@ def test_partial_mask_statistics_ignore_masked_entries(mask_shape):
     m_ref, v_ref = np_ema(state.mean, state.var, mean, var, n, 0.8)
     assert rel_err(np.where(full, y, 0), np.where(full, y_ref, 0)) < RTOL["float32"]
     assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("mask_shape", [(6, 1, 1, 1), (6, 3, 4, 1), (3, 4, 1)])
+def test_count_reads_only_the_mask(mask_shape):
+    # The count comes from the mask's own entries (times the sizes of the axes it is
+    # broadcast along): summing the mask widened to x's shape cost XLA:CPU 12 ms
+    # against 1 ms for both passes over a 16×56×56×64 x (jaxbn/batch_norm.py).
+    shape = (6, 3, 4, 5)
+    mask = np.random.default_rng(0).uniform(size=mask_shape) < 0.6
+    x = _data(shape)
+    jaxpr = jax.make_jaxpr(lambda x, m: jaxbn.moments(x, mask=m))(x, mask).jaxpr
+    widened = [e for e in _eqns(jaxpr) if e.primitive.name == "convert_element_type"
+               and e.invars[0].aval.dtype == np.bool_ and e.outvars[0].aval.shape == shape]
+    assert not widened, widened
+    np.testing.assert_array_equal(jaxbn.moments(x, mask=mask).count, np_moments(x, mask)[2])
 
 
 def test_non_finite_batch_never_reaches_state():

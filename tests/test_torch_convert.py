@@ -127,6 +127,7 @@ def test_training_matches_pytorch(torch, momentum):
         x = torch.randn(4, c, 5, 3) * 2.0 + 3.0  # batch statistics far from the initial ones.
         with torch.no_grad():
             want = bn(x).numpy()
+        state_prev = state
         y, state = jaxbn.batch_norm(x.numpy(), params, state, training=True, **kw)
         assert rel_err(y, want) <= TOL
         assert rel_err(state.mean, bn.running_mean.numpy()) <= TOL
@@ -138,7 +139,6 @@ def test_training_matches_pytorch(torch, momentum):
             )
             assert rel_err(nhwc_to_nchw(y2), want) <= TOL
             assert rel_err(state2.var, state.var) <= TOL
-        state_prev = state
 
     bn.eval()
     x = torch.randn(2, c, 4, 4)
