@@ -24,7 +24,8 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
 
 On XLA:CPU the per-device sums (Σx and Σ(x - m)² forward, Σdy and Σdy·(x - μ)
 backward) come from one-sweep C++ kernels when the features are the trailing axes
-and there is no mask (``jaxbn/cpu_kernel.py``); elsewhere from XLA reductions.
+and a mask, if any, leaves out whole rows (``jaxbn/cpu_kernel.py``); elsewhere from
+XLA reductions.
 Both compute the same sums in float32 or better.
 
 References:
@@ -324,7 +325,7 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
             m2 = jnp.sum(jnp.square(xb.astype(dt) - b(mb)), red)
         n = jnp.full(lay.feature_shape, n, dt)
     elif sharded and x.size:
-        n, m, m2 = partitioning.masked_moments(x, mask, lay.feature_axes)
+        n, m, m2 = partitioning.masked_moments(x, mask, lay.feature_axes, kernel)
     else:
         # Reduced axes along which the mask is constant (e.g. H, W for a per-example
         # mask) are summed first, without the mask; the mask then selects among the
@@ -340,15 +341,23 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
         n = n * math.prod(x.shape[a] for a in inner)
         n = jnp.broadcast_to(jnp.squeeze(n, red), lay.feature_shape)
 
-        def masked_sum(v, keep):
-            if inner:
-                v = jnp.sum(v, inner, keepdims=True)
-            return jnp.sum(jnp.where(keep, v, 0), red)
+        if kernel and all(k[a] == 1 for a in lay.feature_axes):
+            # The mask leaves out whole rows: one sweep over the kept rows (see
+            # jaxbn/cpu_kernel.py), with a row mask 1/C of x's size.
+            nf = len(lay.feature_axes)
+            rows = jnp.broadcast_to(jnp.reshape(mask, k)[(...,) + (0,) * nf], x.shape[: x.ndim - nf])
+            m, m2 = _vary_like(cpu_kernel.masked_moments(x, rows, nf), x, mask)
+        else:
 
-        xa, ka = _private(x, mask)
-        m = masked_sum(xa.astype(dt), ka) / jnp.maximum(n, 1)
-        xb, kb, mb = _private(x, mask, m)
-        m2 = masked_sum(jnp.square(xb.astype(dt) - b(mb)), kb)
+            def masked_sum(v, keep):
+                if inner:
+                    v = jnp.sum(v, inner, keepdims=True)
+                return jnp.sum(jnp.where(keep, v, 0), red)
+
+            xa, ka = _private(x, mask)
+            m = masked_sum(xa.astype(dt), ka) / jnp.maximum(n, 1)
+            xb, kb, mb = _private(x, mask, m)
+            m2 = masked_sum(jnp.square(xb.astype(dt) - b(mb)), kb)
     return n, m, m2
 
 

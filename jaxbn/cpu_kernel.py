@@ -24,7 +24,8 @@ the kernels' work divides among devices (the partitioner itself does not know a
 custom call and would gather its operands onto every device). Inside a partially
 manual ``shard_map`` they are not used.
 The kernels take float32 and bfloat16 x with the features on the trailing axes,
-without a mask; anything else goes to the XLA formulation.
+without a mask or with one that leaves out whole rows (constant along the features:
+per example, per position); anything else goes to the XLA formulation.
 
 ``jax.export`` refuses custom calls that carry no compatibility guarantee:
 evaluation-mode BatchNorm (no reductions) exports as is, but to export a training
@@ -53,10 +54,11 @@ import numpy as np
 
 from jaxbn import partitioning
 
-__all__ = ["available", "build_error", "mode", "use", "moments", "dy_sums", "usable"]
+__all__ = ["available", "build_error", "mode", "use", "moments", "masked_moments", "dy_sums", "usable"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cc"
-_TARGETS = {"jaxbn_moments": "JaxbnMoments", "jaxbn_dy_sums": "JaxbnDySums"}
+_TARGETS = {"jaxbn_moments": "JaxbnMoments", "jaxbn_masked_moments": "JaxbnMaskedMoments",
+            "jaxbn_dy_sums": "JaxbnDySums"}
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 _build_error: Optional[str] = None
 _MODES = ("auto", "0", "1")
@@ -243,6 +245,36 @@ def moments(x: jax.Array, nf: int):
     """(mean, M2) over all but the trailing `nf` axes of x, float32, one sweep."""
     xr, _ = _rows(x, nf)
     mean, m2 = _moments_rows(xr)
+    fs = x.shape[x.ndim - nf:]
+    return mean.reshape(fs), m2.reshape(fs)
+
+
+@jax.custom_jvp
+def _masked_moments_rows(xr, keep):
+    return _call("jaxbn_masked_moments", xr.shape[-1], xr, keep)
+
+
+@_masked_moments_rows.defjvp
+def _masked_moments_rows_jvp(primals, tangents):
+    # Over the kept rows K (n of them): d mean = Σ_K t / n,  d M2 = 2·Σ_K (x - mean)·t.
+    (xr, keep), (t, _) = primals, tangents
+    mean, m2 = _masked_moments_rows(xr, keep)
+    k = keep[..., None]
+    n = jnp.maximum(jnp.sum(keep, -1, dtype=jnp.float32), 1)[..., None]
+    t = jnp.where(k, t.astype(jnp.float32), 0)
+    xc = jnp.where(k, xr.astype(jnp.float32) - mean[..., None, :], 0)
+    return (mean, m2), (jnp.sum(t, -2) / n, 2 * jnp.sum(xc * t, -2))
+
+
+def masked_moments(x: jax.Array, keep: jax.Array, nf: int):
+    """(mean, M2) over the rows of x (all but the trailing `nf` axes) where the boolean
+    `keep` (shape ``x.shape[:-nf]``) is true, float32, one sweep; left-out rows are
+    never read. With no row kept, mean = M2 = 0."""
+    xr, c = _rows(x, nf)
+    if keep.shape != x.shape[: x.ndim - nf] or keep.dtype != jnp.bool_:
+        raise ValueError(f"keep must be a boolean array of shape {x.shape[: x.ndim - nf]}, "
+                         f"got {keep.dtype} {keep.shape}")
+    mean, m2 = _masked_moments_rows(xr, jnp.reshape(keep, (xr.shape[0],)))
     fs = x.shape[x.ndim - nf:]
     return mean.reshape(fs), m2.reshape(fs)
 

@@ -158,7 +158,7 @@ def _moments_op(ndim: int, feature_axes: tuple, kernel: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _masked_moments_op(ndim: int, feature_axes: tuple, mask_axes: tuple):
+def _masked_moments_op(ndim: int, feature_axes: tuple, mask_axes: tuple, kernel: bool):
     """(x, mask) -> (n, mean, M2) over the non-feature axes of the whole x, counting
     only entries where the mask is true. The mask has x's rank; `mask_axes[a]` says
     whether its axis a is x's (sharded like x's) or of size 1 (broadcast)."""
@@ -167,7 +167,7 @@ def _masked_moments_op(ndim: int, feature_axes: tuple, mask_axes: tuple):
     red = tuple(a for a in range(ndim) if a not in feature_axes)
 
     def local(x, mask):  # this device's rows: (n, mean, M2) of its unmasked entries
-        return bn._local_moments(x, mask, bn._layout(x, feature_axes), False, sharded=False)
+        return bn._local_moments(x, mask, bn._layout(x, feature_axes), kernel, sharded=False)
 
     def partition(mesh, arg_shapes, result_shape):
         spec, out = _shardings(mesh, arg_shapes[0], feature_axes)
@@ -245,12 +245,13 @@ def moments(x: jax.Array, feature_axes: tuple, kernel: bool):
     return _moments_op(x.ndim, tuple(feature_axes), bool(kernel))(x)
 
 
-def masked_moments(x: jax.Array, mask: jax.Array, feature_axes: tuple):
+def masked_moments(x: jax.Array, mask: jax.Array, feature_axes: tuple, kernel: bool):
     """(n, mean, M2) in float32 of the unmasked entries of the whole x (`mask` boolean,
-    broadcastable to x): each device's rows by the core's masked two-pass, one all-reduce."""
+    broadcastable to x): each device's rows by the core's masked two-pass (the CPU
+    kernel if `kernel` and the mask leaves out whole rows), one all-reduce."""
     mask = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
     mask_axes = tuple(mask.shape[a] == x.shape[a] for a in range(x.ndim))  # else of size 1
-    return _masked_moments_op(x.ndim, tuple(feature_axes), mask_axes)(x, mask)
+    return _masked_moments_op(x.ndim, tuple(feature_axes), mask_axes, bool(kernel))(x, mask)
 
 
 def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, nf: int):

@@ -86,13 +86,93 @@ def test_kernels_under_vmap_reduce_each_group():
     assert rel_err(m2, xd.var(1) * 50) < 1e-6
 
 
-def _layer(mode, axis=-1, dtype=None):
+_masked_moments = jax.jit(lambda x, keep: cpu_kernel.masked_moments(x, keep, 1))
+
+
+def _keep(rows_shape, seed):
+    """~60 % of rows kept; the first 130 rows (two whole 64-row blocks and a part of a
+    third, where there are that many) left out, and one row kept for sure."""
+    keep = np.random.default_rng(seed).uniform(size=rows_shape) < 0.6
+    flat = keep.reshape(-1)
+    flat[: min(130, flat.size - 1)] = False
+    flat[-1] = True
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["blocks", "chunks", "narrow_ragged", "one_channel", "wide"])
+def test_masked_kernel_matches_float64_oracle(name, dtype):
+    # Rows left out hold NaN, inf and huge values: the kernel must never read them.
+    shape = SHAPES[name]
+    keep = _keep(shape[:-1], 30)
+    x = _data(shape, 1e4 if dtype == jnp.float32 else 50.0, 1.0, 31, dtype)
+    junk = np.random.default_rng(32).choice([np.nan, np.inf, -np.inf, 1e30], size=shape)
+    bad = jnp.where(keep[..., None], x, jnp.asarray(junk, dtype))
+    xd = np.asarray(x.astype(jnp.float32), np.float64)
+    mean_ref, var_ref, n = np_moments(xd, keep[..., None])
+    mean, m2 = _masked_moments(bad, jnp.asarray(keep))
+    assert mean.dtype == m2.dtype == jnp.float32 and mean.shape == (shape[-1],)
+    assert rel_err(mean, mean_ref) < 1e-7
+    assert rel_err(m2, var_ref * n) < 1e-6
+    # Every row kept: the unmasked kernel's results, bitwise; none kept: zeros.
+    full = jax.tree.map(np.asarray, _masked_moments(x, jnp.ones(shape[:-1], bool)))
+    jax.tree.map(np.testing.assert_array_equal, full, jax.tree.map(np.asarray, _moments(x)))
+    for v in _masked_moments(bad, jnp.zeros(shape[:-1], bool)):
+        np.testing.assert_array_equal(v, 0)
+
+
+def test_masked_kernel_jvp_vmap_and_bad_keep():
+    x, t = _data((3, 50, 8), 2.0, 1.5, 33), _data((3, 50, 8), 0.0, 1.0, 34)
+    keep = jnp.asarray(_keep((3, 50), 35))
+
+    def ref(x, k):  # group 0 keeps no row: mean = M2 = 0, as the kernel gives
+        n = jnp.maximum(jnp.sum(k), 1)
+        m = jnp.sum(jnp.where(k[:, None], x, 0), 0) / n
+        return m, jnp.sum(jnp.where(k[:, None], (x - m) ** 2, 0), 0)
+
+    got = jax.jvp(lambda x: cpu_kernel.masked_moments(x, keep[2], 1), (x[2],), (t[2],))
+    want = jax.jvp(lambda x: ref(x, keep[2]), (x[2],), (t[2],))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, b) < 1e-5
+    per = jax.vmap(lambda x, k: cpu_kernel.masked_moments(x, k, 1))(x, keep)
+    for a, b in zip(per, jax.vmap(ref)(x, keep)):
+        assert rel_err(a, b) < 1e-5
+    with pytest.raises(ValueError, match=r"keep must be a boolean array of shape \(3, 50\)"):
+        cpu_kernel.masked_moments(x, keep[0], 1)
+
+
+@pytest.mark.parametrize("mask_shape", [(16, 1, 1, 1), (16, 6, 6, 1), (6, 1, 1)], ids=["example", "position", "spatial"])
+def test_layer_with_row_mask_uses_the_kernel_and_equals_xla_path(mask_shape):
+    shape = (16, 6, 6, 8)
+    mask = np.random.default_rng(36).uniform(size=mask_shape) < 0.6
+    mask.flat[0] = True
+    x = _data(shape, 3.0, 2.0, 37)
+    w = _data(shape, 0.0, 1.0, 38)
+    p = {"scale": _data((8,), 1.0, 0.3, 39), "bias": _data((8,), 0.0, 1.0, 40)}
+    f1, f0 = _layer("1", mask=mask), _layer("0", mask=mask)
+    assert "jaxbn_masked_moments" in f1.lower(x, p, w).compile().as_text()
+    (_, st1), g1 = f1(x, p, w)
+    (_, st0), g0 = f0(x, p, w)
+    for a, b in zip(jax.tree.leaves((st1, g1)), jax.tree.leaves((st0, g0))):
+        assert rel_err(a, b) < RTOL["float32"]
+    _, mean, var, _ = np_batch_norm(np.asarray(x, np.float64), p["scale"], p["bias"], mask)
+    assert rel_err(st1.mean, 0.2 * mean) < RTOL["float32"] and rel_err(st1.var, 0.8 + 0.2 * var) < RTOL["float32"]
+
+
+def test_mask_varying_along_features_uses_xla_statistics():
+    mask = np.random.default_rng(41).uniform(size=(16, 1, 1, 8)) < 0.6
+    x = _data((16, 3, 3, 8), 3.0, 2.0, 42)
+    hlo = _layer("1", mask=mask).lower(x, jaxbn.init_params(8), x).compile().as_text()
+    assert "jaxbn_masked_moments" not in hlo and "jaxbn_moments" not in hlo and "jaxbn_dy_sums" in hlo
+
+
+def _layer(mode, axis=-1, dtype=None, mask=None):
     """jit(value_and_grad) of Σ w·y of a training BN layer traced with kernel `mode`."""
 
     def loss(x, p, w):
         with cpu_kernel.use(mode):
             y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(p["scale"].shape), training=True, axis=axis,
-                                     momentum=0.8, dtype=dtype)
+                                     momentum=0.8, dtype=dtype, mask=mask)
         return jnp.sum(w * y.astype(jnp.float32)), st
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))

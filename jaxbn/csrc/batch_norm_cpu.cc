@@ -6,9 +6,11 @@
 // Σdy, Σdy·(x - mean) read dy twice. These kernels read each input once:
 //
 //   jaxbn_moments(x[G, R, C])           -> mean[G, C], m2[G, C]     (M2 = Σ (x - mean)²)
+//   jaxbn_masked_moments(x[G, R, C], keep[G, R]) -> the same over the rows where keep
 //   jaxbn_dy_sums(x[G, R, C], dy, mean)  -> s1[G, C] = Σ dy, s2[G, C] = Σ dy·(x - mean)
 //
-// reducing the R rows of each of the G groups, C channels contiguous. Float32
+// reducing the R rows of each of the G groups, C channels contiguous. Rows left out
+// by `keep` are never read: they may hold anything (NaN, inf). Float32
 // training moves 32 bytes per element instead of 40, bfloat16 16 instead of 20
 // (benchmarks/bn_layer.py counts and times both).
 //
@@ -177,17 +179,33 @@ void MomentsBlock8(const T* blk, int64_t nb, int64_t C, double n, double* mean, 
   }
 }
 
+// Rows [r0, r1) of one group, those with keep[r] only when `keep` is given (a block
+// with some rows left out is first packed into `packed`, a block-sized buffer that
+// stays in L1: the two passes then run on contiguous kept rows as without a mask).
 template <typename T>
-void MomentsChunk(const T* x, int64_t r0, int64_t r1, const Plan& p, double* n_out, double* mean,
-                  double* m2) {
+void MomentsChunk(const T* x, const bool* keep, int64_t r0, int64_t r1, const Plan& p, double* n_out,
+                  double* mean, double* m2) {
   const int64_t C = p.channels;
   std::vector<float> bsum(C), bmean(C), bsq(C), bdev(C);
+  std::vector<T> packed(keep ? p.block_rows * C : 0);
   double n = 0;
   std::fill(mean, mean + C, 0.0);
   std::fill(m2, m2 + C, 0.0);
   for (int64_t b = r0; b < r1; b += p.block_rows) {
-    const int64_t nb = std::min(p.block_rows, r1 - b);
+    int64_t nb = std::min(p.block_rows, r1 - b);
     const T* blk = x + b * C;
+    if (keep) {
+      int64_t nk = 0;
+      for (int64_t r = 0; r < nb; ++r) nk += keep[b + r];
+      if (nk == 0) continue;
+      if (nk < nb) {
+        T* dst = packed.data();
+        for (int64_t r = 0; r < nb; ++r)
+          if (keep[b + r]) dst = std::copy(blk + r * C, blk + (r + 1) * C, dst);
+        blk = packed.data();
+        nb = nk;
+      }
+    }
     if (Narrow(C)) {
       MomentsBlock8(blk, nb, C, n, mean, m2);
       n += nb;
@@ -221,13 +239,15 @@ void MomentsChunk(const T* x, int64_t r0, int64_t r1, const Plan& p, double* n_o
 }
 
 template <typename T>
-void Moments(ffi::ThreadPool& pool, const T* x, const Plan& p, float* mean_out, float* m2_out) {
+void Moments(ffi::ThreadPool& pool, const T* x, const bool* keep, const Plan& p, float* mean_out,
+             float* m2_out) {
   const int64_t C = p.channels, K = p.chunks_per_group, total = p.groups * K;
   std::vector<double> n(total), mean(total * C), m2(total * C);
   ParallelFor(pool, total, [&](int64_t i) {
     const int64_t g = i / K, k = i % K;
     const int64_t r0 = k * p.chunk_rows, r1 = std::min(p.rows, r0 + p.chunk_rows);
-    MomentsChunk(x + g * p.rows * C, r0, std::max(r0, r1), p, &n[i], &mean[i * C], &m2[i * C]);
+    MomentsChunk(x + g * p.rows * C, keep ? keep + g * p.rows : nullptr, r0, std::max(r0, r1), p, &n[i],
+                 &mean[i * C], &m2[i * C]);
   });
   for (int64_t g = 0; g < p.groups; ++g) {
     double na = 0;
@@ -330,24 +350,38 @@ void DySums(ffi::ThreadPool& pool, const T* x, const T* dy, const float* mu, con
   }
 }
 
-ffi::Error MomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> mean,
-                       ffi::Result<ffi::Buffer<ffi::F32>> m2) {
+ffi::Error MomentsImpl(ffi::ThreadPool& pool, ffi::AnyBuffer x, const bool* keep, const char* name,
+                       ffi::Result<ffi::Buffer<ffi::F32>> mean, ffi::Result<ffi::Buffer<ffi::F32>> m2) {
   Plan p = MakePlan(x.dimensions());
   if (mean->element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument("jaxbn_moments: mean has " + std::to_string(mean->element_count()) +
+    return ffi::Error::InvalidArgument(std::string(name) + ": mean has " + std::to_string(mean->element_count()) +
                                        " elements, expected x.shape[:-2] + x.shape[-1:] = " +
                                        std::to_string(p.groups * p.channels));
   switch (x.element_type()) {
     case ffi::F32:
-      Moments(pool, x.reinterpret_data<float>(), p, mean->typed_data(), m2->typed_data());
+      Moments(pool, x.reinterpret_data<float>(), keep, p, mean->typed_data(), m2->typed_data());
       return ffi::Error::Success();
     case ffi::BF16:
-      Moments(pool, x.reinterpret_data<uint16_t>(), p, mean->typed_data(), m2->typed_data());
+      Moments(pool, x.reinterpret_data<uint16_t>(), keep, p, mean->typed_data(), m2->typed_data());
       return ffi::Error::Success();
     default:
-      return ffi::Error::InvalidArgument("jaxbn_moments: x must be float32 or bfloat16, got XLA dtype " +
+      return ffi::Error::InvalidArgument(std::string(name) + ": x must be float32 or bfloat16, got XLA dtype " +
                                          std::to_string(static_cast<int>(x.element_type())));
   }
+}
+
+ffi::Error UnmaskedMomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                               ffi::Result<ffi::Buffer<ffi::F32>> m2) {
+  return MomentsImpl(pool, x, nullptr, "jaxbn_moments", mean, m2);
+}
+
+ffi::Error MaskedMomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::PRED> keep,
+                             ffi::Result<ffi::Buffer<ffi::F32>> mean, ffi::Result<ffi::Buffer<ffi::F32>> m2) {
+  const size_t rows = x.element_count() / std::max<int64_t>(MakePlan(x.dimensions()).channels, 1);
+  if (keep.element_count() != rows)
+    return ffi::Error::InvalidArgument("jaxbn_masked_moments: keep has " + std::to_string(keep.element_count()) +
+                                       " elements, expected one per row of x: " + std::to_string(rows));
+  return MomentsImpl(pool, x, keep.typed_data(), "jaxbn_masked_moments", mean, m2);
 }
 
 ffi::Error DySumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> mean,
@@ -376,10 +410,18 @@ ffi::Error DySumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, MomentsImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, UnmaskedMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMaskedMoments, MaskedMomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
