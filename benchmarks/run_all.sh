@@ -3,7 +3,7 @@
 # the README's results section. About 13 minutes on 2 CPU cores; cpu_settings.py
 # (another ~25 minutes) only with --settings.
 #
-#   bash benchmarks/run_all.sh              # bn_layer, train_step, sync (8 and 2 devices), sharded_jit, masked_layer, report
+#   bash benchmarks/run_all.sh              # bn_layer, train_step, sync (8 and 2 devices), sharded_jit, layer_variants, report
 #   bash benchmarks/run_all.sh --settings   # also the CPU-settings study and train.py timings
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" benchmarks/sync.py --rounds 21
 "$PY" benchmarks/sync.py --devices 2 --rounds 41 --budget 90
 "$PY" benchmarks/sharded_jit.py
-"$PY" benchmarks/masked_layer.py --rounds 21
+"$PY" benchmarks/layer_variants.py --rounds 21
 if [ "${1:-}" = "--settings" ]; then
   "$PY" benchmarks/cpu_settings.py --quick --train-py
 fi

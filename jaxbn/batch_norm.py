@@ -23,9 +23,9 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
   and the same single all-reduce, instead of XLA's own split of the two passes.
 
 On XLA:CPU the per-device sums (Σx and Σ(x - m)² forward, Σdy and Σdy·(x - μ)
-backward) come from one-sweep C++ kernels when the features are the trailing axes
-and a mask, if any, leaves out whole rows (``jaxbn/cpu_kernel.py``); elsewhere from
-XLA reductions.
+backward) come from one-sweep C++ kernels when the feature axes are contiguous
+(NHWC or NCHW) and a mask, if any, leaves out whole rows of trailing features
+(``jaxbn/cpu_kernel.py``); elsewhere from XLA reductions.
 Both compute the same sums in float32 or better.
 
 References:
@@ -317,7 +317,7 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
         if sharded and x.size:
             m, m2 = partitioning.moments(x, lay.feature_axes, kernel)
         elif kernel:  # one sweep over x instead of two (see jaxbn/cpu_kernel.py)
-            m, m2 = _vary_like(cpu_kernel.moments(x, len(lay.feature_axes)), x)
+            m, m2 = _vary_like(cpu_kernel.moments(x, lay.feature_axes), x)
         else:
             (xa,) = _private(x)  # each reduction reads x through its own barrier (see _private)
             m = jnp.sum(xa.astype(dt), red) / max(n, 1)
@@ -341,7 +341,7 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
         n = n * math.prod(x.shape[a] for a in inner)
         n = jnp.broadcast_to(jnp.squeeze(n, red), lay.feature_shape)
 
-        if kernel and all(k[a] == 1 for a in lay.feature_axes):
+        if kernel and lay.feature_axes[-1] == x.ndim - 1 and all(k[a] == 1 for a in lay.feature_axes):
             # The mask leaves out whole rows: one sweep over the kept rows (see
             # jaxbn/cpu_kernel.py), with a row mask 1/C of x's size.
             nf = len(lay.feature_axes)
@@ -526,9 +526,9 @@ def _train_bwd(cfg: _Config, res, cts):
     xc = x32 - lay.b(mean)
     red = lay.reduce_axes
     if cfg.kernel and dy.dtype == x.dtype and partitioning.active():  # sharded jit (see jaxbn/partitioning.py)
-        s = jnp.stack(partitioning.dy_sums(x, dy, mean, len(lay.feature_axes)))
+        s = jnp.stack(partitioning.dy_sums(x, dy, mean, lay.feature_axes))
     elif cfg.kernel and dy.dtype == x.dtype:  # one sweep over x and dy (see jaxbn/cpu_kernel.py)
-        s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, len(lay.feature_axes)), x, dy, mean))
+        s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, lay.feature_axes), x, dy, mean))
     else:
         # Each reduction reads x and dy through its own barrier (see _private).
         (dya,) = _private(dy)

@@ -23,9 +23,11 @@ partitioner splits (sharded ``jit``), where jaxbn/partitioning.py declares how
 the kernels' work divides among devices (the partitioner itself does not know a
 custom call and would gather its operands onto every device). Inside a partially
 manual ``shard_map`` they are not used.
-The kernels take float32 and bfloat16 x with the features on the trailing axes,
-without a mask or with one that leaves out whole rows (constant along the features:
-per example, per position); anything else goes to the XLA formulation.
+The kernels take float32 and bfloat16 x whose feature axes are contiguous: trailing
+(NHWC: rows of C features), or followed by others (NCHW: slabs of H·W elements per
+example and feature). Masks: none, or, with trailing features, one that leaves out
+whole rows (constant along the features: per example, per position). Anything else
+goes to the XLA formulation.
 
 ``jax.export`` refuses custom calls that carry no compatibility guarantee:
 evaluation-mode BatchNorm (no reductions) exports as is, but to export a training
@@ -58,7 +60,8 @@ __all__ = ["available", "build_error", "mode", "use", "moments", "masked_moments
 
 _SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cc"
 _TARGETS = {"jaxbn_moments": "JaxbnMoments", "jaxbn_masked_moments": "JaxbnMaskedMoments",
-            "jaxbn_dy_sums": "JaxbnDySums"}
+            "jaxbn_dy_sums": "JaxbnDySums", "jaxbn_slab_moments": "JaxbnSlabMoments",
+            "jaxbn_slab_dy_sums": "JaxbnSlabDySums"}
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 _build_error: Optional[str] = None
 _MODES = ("auto", "0", "1")
@@ -166,25 +169,38 @@ def _unpartitioned() -> bool:
     )
 
 
+def _contiguous(feature_axes, ndim: int) -> Optional[tuple]:
+    f = sorted(a % ndim for a in feature_axes)
+    return tuple(f) if f and f == list(range(f[0], f[0] + len(f))) else None
+
+
 def usable(x: jax.Array, feature_axes: tuple) -> bool:
-    """Whether to use the kernels for x with these feature axes (trailing, contiguous)."""
+    """Whether to use the kernels for x with these feature axes (contiguous)."""
     m = mode()
     if m == "0" or jax.default_backend() != "cpu":
         return False
     if x.dtype not in (jnp.float32, jnp.bfloat16) or x.ndim == 0:
         return False
-    if feature_axes != tuple(range(x.ndim - len(feature_axes), x.ndim)) or x.size == 0:
+    if _contiguous(feature_axes, x.ndim) is None or x.size == 0:
         return False
     if m == "auto" and not (_unpartitioned() or partitioning.active()):
         return False  # a partially manual shard_map: the XLA formulation
     return available()
 
 
-def _rows(x, nf):
+def _view(x, feature_axes):
+    """x as rows ``(R, C)`` when its feature axes are trailing, else as slabs
+    ``(A, C, S)`` (A: the axes before the features, S: those after), and the
+    features' shape."""
     if not _load():
         raise RuntimeError(f"jaxbn CPU kernels unavailable: {_build_error}")
-    c = int(np.prod(x.shape[x.ndim - nf:], dtype=np.int64))
-    return jnp.reshape(x, (x.size // max(c, 1), c)), c
+    f = _contiguous(feature_axes, x.ndim)
+    if f is None:
+        raise ValueError(f"feature_axes must be contiguous axes of x (ndim {x.ndim}), got {feature_axes}")
+    size = lambda axes: int(np.prod([x.shape[a] for a in axes], dtype=np.int64))  # noqa: E731
+    a, c, s = size(range(f[0])), size(f), size(range(f[-1] + 1, x.ndim))
+    fs = tuple(x.shape[i] for i in f)
+    return jnp.reshape(x, (a, c) if s == 1 else (a, c, s)), fs
 
 
 # The custom calls have JVP rules in plain jnp (linear in the tangents, so reverse
@@ -232,7 +248,8 @@ def _dy_sums_rows_jvp(primals, tangents):
 
 
 def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):
-    """Tangents of (S1, S2) = (Σdy, Σdy·(x - μ)) over axes `red`, features trailing:
+    """Tangents of (S1, S2) = (Σdy, Σdy·(x - μ)) over axes `red` (`mean` broadcastable
+    against x; `tm`, its tangent, and `s1` feature-shaped):
     dS1 = Σd(dy),  dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1."""
     f32 = jnp.float32
     tdy = tdy.astype(f32)
@@ -241,11 +258,34 @@ def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):
     return ds1, ds2
 
 
-def moments(x: jax.Array, nf: int):
-    """(mean, M2) over all but the trailing `nf` axes of x, float32, one sweep."""
-    xr, _ = _rows(x, nf)
-    mean, m2 = _moments_rows(xr)
-    fs = x.shape[x.ndim - nf:]
+@jax.custom_jvp
+def _moments_slabs(xs):
+    return _call("jaxbn_slab_moments", xs.shape[-2], xs)
+
+
+@_moments_slabs.defjvp
+def _moments_slabs_jvp(primals, tangents):
+    (xs,), (t,) = primals, tangents
+    mean, m2 = _moments_slabs(xs)
+    return (mean, m2), moments_tangents(xs, mean[:, None], t, (0, 2))
+
+
+@jax.custom_jvp
+def _dy_sums_slabs(xs, dys, mean):
+    return _call("jaxbn_slab_dy_sums", xs.shape[-2], xs, dys, mean)
+
+
+@_dy_sums_slabs.defjvp
+def _dy_sums_slabs_jvp(primals, tangents):
+    (xs, dys, mean), (tx, tdy, tm) = primals, tangents
+    s1, s2 = _dy_sums_slabs(xs, dys, mean)
+    return (s1, s2), dy_sums_tangents(xs, dys, mean[:, None], s1, tx, tdy, tm, (0, 2))
+
+
+def moments(x: jax.Array, feature_axes):
+    """(mean, M2) over all but the (contiguous) `feature_axes` of x, float32, one sweep."""
+    v, fs = _view(x, feature_axes)
+    mean, m2 = (_moments_rows if v.ndim == 2 else _moments_slabs)(v)
     return mean.reshape(fs), m2.reshape(fs)
 
 
@@ -270,21 +310,21 @@ def masked_moments(x: jax.Array, keep: jax.Array, nf: int):
     """(mean, M2) over the rows of x (all but the trailing `nf` axes) where the boolean
     `keep` (shape ``x.shape[:-nf]``) is true, float32, one sweep; left-out rows are
     never read. With no row kept, mean = M2 = 0."""
-    xr, c = _rows(x, nf)
+    xr, fs = _view(x, tuple(range(x.ndim - nf, x.ndim)))
     if keep.shape != x.shape[: x.ndim - nf] or keep.dtype != jnp.bool_:
         raise ValueError(f"keep must be a boolean array of shape {x.shape[: x.ndim - nf]}, "
                          f"got {keep.dtype} {keep.shape}")
     mean, m2 = _masked_moments_rows(xr, jnp.reshape(keep, (xr.shape[0],)))
-    fs = x.shape[x.ndim - nf:]
     return mean.reshape(fs), m2.reshape(fs)
 
 
-def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, nf: int):
-    """(Σdy, Σdy·(x - mean)) over all but the trailing `nf` axes, float32, one sweep."""
-    xr, c = _rows(x, nf)
+def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, feature_axes):
+    """(Σdy, Σdy·(x - mean)) over all but the (contiguous) `feature_axes`, float32,
+    one sweep."""
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    dyr, _ = _rows(dy, nf)
-    s1, s2 = _dy_sums_rows(xr, dyr, jnp.reshape(mean.astype(jnp.float32), (c,)))
-    fs = x.shape[x.ndim - nf:]
+    v, fs = _view(x, feature_axes)
+    dv, _ = _view(dy, feature_axes)
+    m = jnp.reshape(mean.astype(jnp.float32), (v.shape[1],))
+    s1, s2 = (_dy_sums_rows if v.ndim == 2 else _dy_sums_slabs)(v, dv, m)
     return s1.reshape(fs), s2.reshape(fs)

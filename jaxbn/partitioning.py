@@ -200,19 +200,19 @@ def _masked_moments_op(ndim: int, feature_axes: tuple, mask_axes: tuple, kernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _dy_sums_op(ndim: int, nf: int):
-    """(x, dy, mean) -> (Σdy, Σdy·(x - mean)) over all but the trailing `nf` axes of the
-    whole x, with the CPU kernel on each device's rows."""
+def _dy_sums_op(ndim: int, feature_axes: tuple):
+    """(x, dy, mean) -> (Σdy, Σdy·(x - mean)) over the non-feature axes of the whole
+    x, with the CPU kernel on each device's part."""
     from jaxbn import cpu_kernel
 
-    feature_axes = tuple(range(ndim - nf, ndim))
+    red = tuple(a for a in range(ndim) if a not in feature_axes)
 
     def local(x, dy, mean):
-        return cpu_kernel.dy_sums(x, dy, mean, nf)
+        return cpu_kernel.dy_sums(x, dy, mean, feature_axes)
 
     def partition(mesh, arg_shapes, result_shape):
         spec, vec = _shardings(mesh, arg_shapes[0], feature_axes)
-        names = _mesh_axes(spec[: ndim - nf])
+        names = _mesh_axes(spec[a] for a in red)
         xs = NamedSharding(mesh, P(*spec))
 
         def lower_fn(x, dy, mean):
@@ -224,7 +224,6 @@ def _dy_sums_op(ndim: int, nf: int):
         return mesh, lower_fn, (vec, vec), (xs, xs, vec)
 
     op = _declare(local, partition, ndim, feature_axes, ("x", "x", "f"))
-    red = tuple(range(ndim - nf))
 
     @jax.custom_jvp
     def f(x, dy, mean):
@@ -234,7 +233,8 @@ def _dy_sums_op(ndim: int, nf: int):
     def _jvp(primals, tangents):
         (x, dy, mean), (tx, tdy, tm) = primals, tangents
         s1, s2 = f(x, dy, mean)
-        return (s1, s2), cpu_kernel.dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red)
+        bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(ndim))
+        return (s1, s2), cpu_kernel.dy_sums_tangents(x, dy, mean.reshape(bshape), s1, tx, tdy, tm, red)
 
     return f
 
@@ -254,6 +254,6 @@ def masked_moments(x: jax.Array, mask: jax.Array, feature_axes: tuple, kernel: b
     return _masked_moments_op(x.ndim, tuple(feature_axes), mask_axes, bool(kernel))(x, mask)
 
 
-def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, nf: int):
+def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, feature_axes: tuple):
     """(Σdy, Σdy·(x - mean)) of the whole x by the CPU kernel per device, one all-reduce."""
-    return _dy_sums_op(x.ndim, int(nf))(x, dy, mean)
+    return _dy_sums_op(x.ndim, tuple(a % x.ndim for a in feature_axes))(x, dy, mean)

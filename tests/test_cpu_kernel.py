@@ -35,8 +35,8 @@ def _data(shape, mean, std, seed, dtype=np.float32):
     return jnp.asarray((rng.normal(size=shape) * std + mean).astype(np.float32), dtype)
 
 
-_moments = jax.jit(lambda x: cpu_kernel.moments(x, 1))
-_dy_sums = jax.jit(lambda x, dy, m: cpu_kernel.dy_sums(x, dy, m, 1))
+_moments = jax.jit(lambda x: cpu_kernel.moments(x, (-1,)))
+_dy_sums = jax.jit(lambda x, dy, m: cpu_kernel.dy_sums(x, dy, m, (-1,)))
 
 SHAPES = {
     "blocks": (64, 7, 5, 24),  # 2240 rows of 24: many 64-row blocks, one chunk
@@ -80,7 +80,7 @@ def test_kernel_results_do_not_depend_on_thread_timing():
 
 def test_kernels_under_vmap_reduce_each_group():
     x = _data((3, 10, 5, 4), 2.0, 1.5, 2)
-    mean, m2 = jax.vmap(lambda x: cpu_kernel.moments(x, 1))(x)
+    mean, m2 = jax.vmap(lambda x: cpu_kernel.moments(x, (-1,)))(x)
     xd = np.asarray(x, np.float64).reshape(3, -1, 4)
     assert rel_err(mean, xd.mean(1)) < 1e-6
     assert rel_err(m2, xd.var(1) * 50) < 1e-6
@@ -212,9 +212,9 @@ def test_kernel_jvps_match_the_math():
     def dy_sums_ref(x, dy, mean):
         return jnp.sum(dy, 0), jnp.sum(dy * (x - mean), 0)
 
-    got = jax.jvp(lambda x: cpu_kernel.moments(x, 1), (x,), (tx,))
+    got = jax.jvp(lambda x: cpu_kernel.moments(x, (-1,)), (x,), (tx,))
     want = jax.jvp(moments_ref, (x,), (tx,))
-    got2 = jax.jvp(lambda *a: cpu_kernel.dy_sums(*a, 1), (x, dy, mean), (tx, tdy, tm))
+    got2 = jax.jvp(lambda *a: cpu_kernel.dy_sums(*a, (-1,)), (x, dy, mean), (tx, tdy, tm))
     want2 = jax.jvp(dy_sums_ref, (x, dy, mean), (tx, tdy, tm))
     for a, b in zip(jax.tree.leaves((got, got2)), jax.tree.leaves((want, want2))):
         assert rel_err(a, b) < 1e-5
@@ -258,11 +258,88 @@ def test_mixed_dtype_backward_falls_back_and_stays_right():
         assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < 1e-2  # bf16 dx
 
 
-def test_feature_axis_not_last_uses_xla_path():
+SLAB_SHAPES = {  # (shape, feature axes): features followed by other axes (slabs)
+    "nchw": ((6, 8, 9, 7), (1,)),
+    "long_slabs": ((3, 5, 4100), (1,)),  # S > 512: nine blocks per slab, the last ragged
+    "two_feature_axes": ((2, 3, 4, 5, 6), (1, 2)),
+    "leading_features": ((8, 30, 2), (0,)),  # A = 1
+    "one_channel": ((7, 1, 13), (1,)),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", list(SLAB_SHAPES))
+def test_slab_kernels_match_float64_oracle(name, dtype):
+    shape, feat = SLAB_SHAPES[name]
+    x = _data(shape, 1e4 if dtype == jnp.float32 else 50.0, 1.0, 50, dtype)
+    dy = _data(shape, 0.5, 1.0, 51, dtype)
+    xd = np.asarray(x.astype(jnp.float32), np.float64)
+    gd = np.asarray(dy.astype(jnp.float32), np.float64)
+    red = tuple(a for a in range(len(shape)) if a not in feat)
+    bshape = tuple(shape[a] if a in feat else 1 for a in range(len(shape)))
+    with cpu_kernel.use("1"):
+        hlo = jax.jit(lambda x: cpu_kernel.moments(x, feat)).lower(x).compile().as_text()
+        mean, m2 = jax.jit(lambda x: cpu_kernel.moments(x, feat))(x)
+        s1, s2 = jax.jit(lambda x, dy, m: cpu_kernel.dy_sums(x, dy, m, feat))(x, dy, mean)
+    assert "jaxbn_slab_moments" in hlo
+    mean_ref, var_ref, n = np_moments(xd, feature_axes=feat)
+    assert mean.shape == m2.shape == s1.shape == tuple(shape[a] for a in feat)
+    assert rel_err(mean, mean_ref) < 1e-7
+    assert rel_err(m2, var_ref * n) < 1e-6
+    assert rel_err(s1, gd.sum(red)) < 1e-6
+    xc = xd - np.asarray(mean, np.float64).reshape(bshape)
+    s2_ref = (gd * xc).sum(red)
+    assert np.abs(np.asarray(s2, np.float64) - s2_ref).max() < 1e-6 * np.abs(gd * xc).sum(red).max()
+
+
+def test_slab_kernel_jvps_and_vmap():
+    x, dy = _data((5, 4, 3, 7), 2.0, 1.5, 52), _data((5, 4, 3, 7), 0.5, 1.0, 53)
+    mean = _data((4,), 2.0, 0.1, 54)
+    tx, tdy, tm = _data((5, 4, 3, 7), 0.0, 1.0, 55), _data((5, 4, 3, 7), 0.0, 1.0, 56), _data((4,), 0.0, 1.0, 57)
+    r = (0, 2, 3)
+
+    def moments_ref(x):
+        m = jnp.mean(x, r)
+        return m, jnp.sum((x - m[:, None, None]) ** 2, r)
+
+    def dy_sums_ref(x, dy, mean):
+        return jnp.sum(dy, r), jnp.sum(dy * (x - mean[:, None, None]), r)
+
+    got = jax.jvp(lambda x: cpu_kernel.moments(x, (1,)), (x,), (tx,))
+    want = jax.jvp(moments_ref, (x,), (tx,))
+    got2 = jax.jvp(lambda *a: cpu_kernel.dy_sums(*a, (1,)), (x, dy, mean), (tx, tdy, tm))
+    want2 = jax.jvp(dy_sums_ref, (x, dy, mean), (tx, tdy, tm))
+    per = jax.vmap(lambda x: cpu_kernel.moments(x, (0,)))(x)  # each example's (4, 3, 7) slabs
+    want3 = jax.vmap(lambda x: (jnp.mean(x, (1, 2)), jnp.sum((x - jnp.mean(x, (1, 2))[:, None, None]) ** 2, (1, 2))))(x)
+    for a, b in zip(jax.tree.leaves((got, got2, per)), jax.tree.leaves((want, want2, want3))):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nchw_layer_uses_slab_kernels_and_equals_xla_path(dtype):
+    shape = (6, 8, 5, 5)
+    x = _data(shape, 3.0, 2.0, 58, dtype)
+    w = _data(shape, 0.0, 1.0, 59)
+    p = {"scale": _data((8,), 1.0, 0.3, 60), "bias": _data((8,), 0.0, 1.0, 61)}
+    f1, f0 = _layer("1", axis=1), _layer("0", axis=1)
+    hlo = f1.lower(x, p, w).compile().as_text()
+    assert "jaxbn_slab_moments" in hlo and "jaxbn_slab_dy_sums" in hlo
+    (_, st1), g1 = f1(x, p, w)
+    (_, st0), g0 = f0(x, p, w)
+    for a, b in zip(jax.tree.leaves((st1, g1)), jax.tree.leaves((st0, g0))):
+        assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < RTOL["float32"]
+    _, mean, var, _ = np_batch_norm(np.asarray(x.astype(jnp.float32), np.float64), p["scale"], p["bias"],
+                                    feature_axes=(1,))
+    assert rel_err(st1.mean, 0.2 * mean) < RTOL["float32"] and rel_err(st1.var, 0.8 + 0.2 * var) < RTOL["float32"]
+
+
+def test_non_contiguous_feature_axes_and_masked_nchw_use_xla_statistics():
     x = _data((4, 8, 3, 3), 1.0, 2.0, 11)
-    p = jaxbn.init_params(8)
-    hlo = _layer("1", axis=1).lower(x, p, x).compile().as_text()
+    hlo = _layer("1", axis=(1, 3)).lower(x, jaxbn.init_params((8, 3)), x).compile().as_text()
     assert "jaxbn_" not in hlo
+    mask = np.arange(4).reshape(4, 1, 1, 1) < 3
+    hlo = _layer("1", axis=1, mask=mask).lower(x, jaxbn.init_params(8), x).compile().as_text()
+    assert "jaxbn_slab_moments" not in hlo and "jaxbn_masked_moments" not in hlo and "jaxbn_slab_dy_sums" in hlo
 
 
 def _mesh():
