@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -197,9 +198,8 @@ def _view(x, feature_axes):
     f = _contiguous(feature_axes, x.ndim)
     if f is None:
         raise ValueError(f"feature_axes must be contiguous axes of x (ndim {x.ndim}), got {feature_axes}")
-    size = lambda axes: int(np.prod([x.shape[a] for a in axes], dtype=np.int64))  # noqa: E731
-    a, c, s = size(range(f[0])), size(f), size(range(f[-1] + 1, x.ndim))
-    fs = tuple(x.shape[i] for i in f)
+    fs = x.shape[f[0] : f[-1] + 1]
+    a, c, s = math.prod(x.shape[: f[0]]), math.prod(fs), math.prod(x.shape[f[-1] + 1 :])
     return jnp.reshape(x, (a, c) if s == 1 else (a, c, s)), fs
 
 
