@@ -213,18 +213,6 @@ def _call(name, c, *args):
     return tuple(jax.ffi.ffi_call(name, (out, out), vmap_method="broadcast_all")(*args))
 
 
-@jax.custom_jvp
-def _moments_rows(xr):
-    return _call("jaxbn_moments", xr.shape[-1], xr)
-
-
-@_moments_rows.defjvp
-def _moments_rows_jvp(primals, tangents):
-    (xr,), (t,) = primals, tangents
-    mean, m2 = _moments_rows(xr)
-    return (mean, m2), moments_tangents(xr, mean, t, (0,))
-
-
 def moments_tangents(x, mean, t, red):
     """Tangents of (mean, M2) over axes `red` (`mean` broadcastable against x):
     mean = Σx/n, M2 = Σ(x - mean)²:  d mean = Σdx/n,  d M2 = 2·Σ(x - mean)·dx  (as Σ(x - mean) = 0)."""
@@ -232,19 +220,6 @@ def moments_tangents(x, mean, t, red):
     n = max(int(np.prod([x.shape[a] for a in red], dtype=np.int64)), 1)
     t = t.astype(dt)
     return jnp.sum(t, red) / n, 2 * jnp.sum((x.astype(dt) - mean) * t, red)
-
-
-@jax.custom_jvp
-def _dy_sums_rows(xr, dyr, mean):
-    return _call("jaxbn_dy_sums", xr.shape[-1], xr, dyr, mean)
-
-
-@_dy_sums_rows.defjvp
-def _dy_sums_rows_jvp(primals, tangents):
-    # S1 = Σdy,  S2 = Σdy·(x - μ):  dS1 = Σd(dy),  dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1.
-    (xr, dyr, mean), (tx, tdy, tm) = primals, tangents
-    s1, s2 = _dy_sums_rows(xr, dyr, mean)
-    return (s1, s2), dy_sums_tangents(xr, dyr, mean, s1, tx, tdy, tm, (0,))
 
 
 def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):
@@ -258,34 +233,55 @@ def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):
     return ds1, ds2
 
 
-@jax.custom_jvp
-def _moments_slabs(xs):
-    return _call("jaxbn_slab_moments", xs.shape[-2], xs)
+def _red(v):  # a rows (R, C) or slabs (A, C, S) view: the features are axis 1
+    return (0,) + tuple(range(2, v.ndim))
 
 
-@_moments_slabs.defjvp
-def _moments_slabs_jvp(primals, tangents):
-    (xs,), (t,) = primals, tangents
-    mean, m2 = _moments_slabs(xs)
-    return (mean, m2), moments_tangents(xs, mean[:, None], t, (0, 2))
+def _col(m, v):  # a feature vector broadcast against the view
+    return jnp.reshape(m, m.shape + (1,) * (v.ndim - 2))
 
 
-@jax.custom_jvp
-def _dy_sums_slabs(xs, dys, mean):
-    return _call("jaxbn_slab_dy_sums", xs.shape[-2], xs, dys, mean)
+def _moments_kernel(target: str):
+    """v -> (mean, M2) per feature of a rows or slabs view, with its JVP rule."""
+
+    @jax.custom_jvp
+    def op(v):
+        return _call(target, v.shape[1], v)
+
+    @op.defjvp
+    def _jvp(primals, tangents):
+        (v,), (t,) = primals, tangents
+        mean, m2 = op(v)
+        return (mean, m2), moments_tangents(v, _col(mean, v), t, _red(v))
+
+    return op
 
 
-@_dy_sums_slabs.defjvp
-def _dy_sums_slabs_jvp(primals, tangents):
-    (xs, dys, mean), (tx, tdy, tm) = primals, tangents
-    s1, s2 = _dy_sums_slabs(xs, dys, mean)
-    return (s1, s2), dy_sums_tangents(xs, dys, mean[:, None], s1, tx, tdy, tm, (0, 2))
+def _dy_sums_kernel(target: str):
+    """(v, dv, mean) -> (Σdy, Σdy·(x - mean)) per feature of rows or slabs views, with its JVP rule."""
+
+    @jax.custom_jvp
+    def op(v, dv, mean):
+        return _call(target, v.shape[1], v, dv, mean)
+
+    @op.defjvp
+    def _jvp(primals, tangents):
+        (v, dv, mean), (tv, tdv, tm) = primals, tangents
+        s1, s2 = op(v, dv, mean)
+        return (s1, s2), dy_sums_tangents(v, dv, _col(mean, v), s1, tv, tdv, tm, _red(v))
+
+    return op
+
+
+# By the view's rank: rows (R, C) for trailing features, slabs (A, C, S) otherwise.
+_MOMENTS = {2: _moments_kernel("jaxbn_moments"), 3: _moments_kernel("jaxbn_slab_moments")}
+_DY_SUMS = {2: _dy_sums_kernel("jaxbn_dy_sums"), 3: _dy_sums_kernel("jaxbn_slab_dy_sums")}
 
 
 def moments(x: jax.Array, feature_axes):
     """(mean, M2) over all but the (contiguous) `feature_axes` of x, float32, one sweep."""
     v, fs = _view(x, feature_axes)
-    mean, m2 = (_moments_rows if v.ndim == 2 else _moments_slabs)(v)
+    mean, m2 = _MOMENTS[v.ndim](v)
     return mean.reshape(fs), m2.reshape(fs)
 
 
@@ -326,5 +322,5 @@ def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, feature_axes):
     v, fs = _view(x, feature_axes)
     dv, _ = _view(dy, feature_axes)
     m = jnp.reshape(mean.astype(jnp.float32), (v.shape[1],))
-    s1, s2 = (_dy_sums_rows if v.ndim == 2 else _dy_sums_slabs)(v, dv, m)
+    s1, s2 = _DY_SUMS[v.ndim](v, dv, m)
     return s1.reshape(fs), s2.reshape(fs)

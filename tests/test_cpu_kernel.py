@@ -178,16 +178,18 @@ def _layer(mode, axis=-1, dtype=None, mask=None):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_with_kernels_equals_xla_path_and_oracle(dtype):
-    shape = (16, 6, 6, 8)
+def test_layer_with_kernels_equals_xla_path_and_oracle(dtype, layout):
+    # NHWC: the row kernels; NCHW (axis=1): the slab kernels.
+    shape, axis, prefix = ((16, 6, 6, 8), -1, "jaxbn_") if layout == "nhwc" else ((6, 8, 5, 5), 1, "jaxbn_slab_")
     x = _data(shape, 3.0, 2.0, 3, dtype)
     w = _data(shape, 0.0, 1.0, 4)
     p = {"scale": _data((8,), 1.0, 0.3, 5), "bias": _data((8,), 0.0, 1.0, 6)}
-    f1, f0 = _layer("1"), _layer("0")
+    f1, f0 = _layer("1", axis=axis), _layer("0", axis=axis)
     hlo1 = f1.lower(x, p, w).compile().as_text()
     hlo0 = f0.lower(x, p, w).compile().as_text()
-    assert "jaxbn_moments" in hlo1 and "jaxbn_dy_sums" in hlo1
+    assert f'"{prefix}moments"' in hlo1 and f'"{prefix}dy_sums"' in hlo1
     assert "jaxbn_" not in hlo0
     (_, st1), g1 = f1(x, p, w)
     (_, st0), g0 = f0(x, p, w)
@@ -195,7 +197,7 @@ def test_layer_with_kernels_equals_xla_path_and_oracle(dtype):
     for a, b in zip(jax.tree.leaves((st1, g1)), jax.tree.leaves((st0, g0))):
         assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < tol
     xd = np.asarray(x.astype(jnp.float32), np.float64)
-    _, mean, var, _ = np_batch_norm(xd, p["scale"], p["bias"])
+    _, mean, var, _ = np_batch_norm(xd, p["scale"], p["bias"], feature_axes=(axis,))
     assert rel_err(st1.mean, 0.2 * mean) < tol and rel_err(st1.var, 0.8 + 0.2 * var) < tol
 
 
@@ -313,24 +315,6 @@ def test_slab_kernel_jvps_and_vmap():
     want3 = jax.vmap(lambda x: (jnp.mean(x, (1, 2)), jnp.sum((x - jnp.mean(x, (1, 2))[:, None, None]) ** 2, (1, 2))))(x)
     for a, b in zip(jax.tree.leaves((got, got2, per)), jax.tree.leaves((want, want2, want3))):
         assert rel_err(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_nchw_layer_uses_slab_kernels_and_equals_xla_path(dtype):
-    shape = (6, 8, 5, 5)
-    x = _data(shape, 3.0, 2.0, 58, dtype)
-    w = _data(shape, 0.0, 1.0, 59)
-    p = {"scale": _data((8,), 1.0, 0.3, 60), "bias": _data((8,), 0.0, 1.0, 61)}
-    f1, f0 = _layer("1", axis=1), _layer("0", axis=1)
-    hlo = f1.lower(x, p, w).compile().as_text()
-    assert "jaxbn_slab_moments" in hlo and "jaxbn_slab_dy_sums" in hlo
-    (_, st1), g1 = f1(x, p, w)
-    (_, st0), g0 = f0(x, p, w)
-    for a, b in zip(jax.tree.leaves((st1, g1)), jax.tree.leaves((st0, g0))):
-        assert rel_err(np.asarray(a, np.float32), np.asarray(b, np.float32)) < RTOL["float32"]
-    _, mean, var, _ = np_batch_norm(np.asarray(x.astype(jnp.float32), np.float64), p["scale"], p["bias"],
-                                    feature_axes=(1,))
-    assert rel_err(st1.mean, 0.2 * mean) < RTOL["float32"] and rel_err(st1.var, 0.8 + 0.2 * var) < RTOL["float32"]
 
 
 def test_non_contiguous_feature_axes_and_masked_nchw_use_xla_statistics():

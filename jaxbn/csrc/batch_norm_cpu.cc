@@ -505,24 +505,48 @@ void SlabDySums(ffi::ThreadPool& pool, const T* x, const T* dy, const float* mu,
   });
 }
 
-ffi::Error MomentsImpl(ffi::ThreadPool& pool, ffi::AnyBuffer x, const bool* keep, const char* name,
-                       ffi::Result<ffi::Buffer<ffi::F32>> mean, ffi::Result<ffi::Buffer<ffi::F32>> m2) {
-  Plan p = MakePlan(x.dimensions());
-  if (mean->element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument(std::string(name) + ": mean has " + std::to_string(mean->element_count()) +
-                                       " elements, expected x.shape[:-2] + x.shape[-1:] = " +
-                                       std::to_string(p.groups * p.channels));
-  switch (x.element_type()) {
+// Calls f(T{}) with T the element type of x's data (float32, or bfloat16 as uint16_t).
+template <typename F>
+ffi::Error ByDtype(const std::string& name, ffi::DataType dtype, F&& f) {
+  switch (dtype) {
     case ffi::F32:
-      Moments(pool, x.reinterpret_data<float>(), keep, p, mean->typed_data(), m2->typed_data());
+      f(float{});
       return ffi::Error::Success();
     case ffi::BF16:
-      Moments(pool, x.reinterpret_data<uint16_t>(), keep, p, mean->typed_data(), m2->typed_data());
+      f(uint16_t{});
       return ffi::Error::Success();
     default:
-      return ffi::Error::InvalidArgument(std::string(name) + ": x must be float32 or bfloat16, got XLA dtype " +
-                                         std::to_string(static_cast<int>(x.element_type())));
+      return ffi::Error::InvalidArgument(name + ": x must be float32 or bfloat16, got XLA dtype " +
+                                         std::to_string(static_cast<int>(dtype)));
   }
+}
+
+// The statistics' size: `features` = groups × channels, expected of every result.
+ffi::Error CheckMoments(const std::string& name, size_t got, int64_t features, const char* which) {
+  if (got == static_cast<size_t>(features)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(name + ": mean has " + std::to_string(got) + " elements, expected " +
+                                     which + " = " + std::to_string(features));
+}
+
+ffi::Error CheckDySums(const std::string& name, const ffi::AnyBuffer& x, const ffi::AnyBuffer& dy,
+                       const ffi::Buffer<ffi::F32>& mean, int64_t features) {
+  if (dy.element_type() == x.element_type() && dy.element_count() == x.element_count() &&
+      mean.element_count() == static_cast<size_t>(features))
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(name + ": expected dy of x's dtype and " + std::to_string(x.element_count()) +
+                                     " elements and mean of " + std::to_string(features) + ", got dy of " +
+                                     std::to_string(dy.element_count()) + " and mean of " +
+                                     std::to_string(mean.element_count()));
+}
+
+ffi::Error MomentsImpl(ffi::ThreadPool& pool, ffi::AnyBuffer x, const bool* keep, const std::string& name,
+                       ffi::Result<ffi::Buffer<ffi::F32>> mean, ffi::Result<ffi::Buffer<ffi::F32>> m2) {
+  Plan p = MakePlan(x.dimensions());
+  ffi::Error err = CheckMoments(name, mean->element_count(), p.groups * p.channels, "x.shape[:-2] + x.shape[-1:]");
+  if (err.failure()) return err;
+  return ByDtype(name, x.element_type(), [&](auto t) {
+    Moments(pool, x.reinterpret_data<decltype(t)>(), keep, p, mean->typed_data(), m2->typed_data());
+  });
 }
 
 ffi::Error UnmaskedMomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> mean,
@@ -542,109 +566,67 @@ ffi::Error MaskedMomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
 ffi::Error DySumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> mean,
                       ffi::Result<ffi::Buffer<ffi::F32>> s1, ffi::Result<ffi::Buffer<ffi::F32>> s2) {
   Plan p = MakePlan(x.dimensions());
-  if (dy.element_type() != x.element_type() || dy.element_count() != x.element_count() ||
-      mean.element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument(
-        "jaxbn_dy_sums: expected dy of x's dtype and " + std::to_string(x.element_count()) +
-        " elements and mean of " + std::to_string(p.groups * p.channels) + ", got dy of " +
-        std::to_string(dy.element_count()) + " and mean of " + std::to_string(mean.element_count()));
-  switch (x.element_type()) {
-    case ffi::F32:
-      DySums(pool, x.reinterpret_data<float>(), dy.reinterpret_data<float>(), mean.typed_data(), p,
-             s1->typed_data(), s2->typed_data());
-      return ffi::Error::Success();
-    case ffi::BF16:
-      DySums(pool, x.reinterpret_data<uint16_t>(), dy.reinterpret_data<uint16_t>(), mean.typed_data(), p,
-             s1->typed_data(), s2->typed_data());
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("jaxbn_dy_sums: x must be float32 or bfloat16, got XLA dtype " +
-                                         std::to_string(static_cast<int>(x.element_type())));
-  }
+  ffi::Error err = CheckDySums("jaxbn_dy_sums", x, dy, mean, p.groups * p.channels);
+  if (err.failure()) return err;
+  return ByDtype("jaxbn_dy_sums", x.element_type(), [&](auto t) {
+    using T = decltype(t);
+    DySums(pool, x.reinterpret_data<T>(), dy.reinterpret_data<T>(), mean.typed_data(), p, s1->typed_data(),
+           s2->typed_data());
+  });
 }
 
 ffi::Error SlabMomentsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> mean,
                            ffi::Result<ffi::Buffer<ffi::F32>> m2) {
   SlabPlan p = MakeSlabPlan(x.dimensions());
-  if (mean->element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument("jaxbn_slab_moments: mean has " + std::to_string(mean->element_count()) +
-                                       " elements, expected x.shape[:-3] + x.shape[-2:-1] = " +
-                                       std::to_string(p.groups * p.channels));
-  switch (x.element_type()) {
-    case ffi::F32:
-      SlabMoments(pool, x.reinterpret_data<float>(), p, mean->typed_data(), m2->typed_data());
-      return ffi::Error::Success();
-    case ffi::BF16:
-      SlabMoments(pool, x.reinterpret_data<uint16_t>(), p, mean->typed_data(), m2->typed_data());
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("jaxbn_slab_moments: x must be float32 or bfloat16, got XLA dtype " +
-                                         std::to_string(static_cast<int>(x.element_type())));
-  }
+  const std::string name = "jaxbn_slab_moments";
+  ffi::Error err = CheckMoments(name, mean->element_count(), p.groups * p.channels, "x.shape[:-3] + x.shape[-2:-1]");
+  if (err.failure()) return err;
+  return ByDtype(name, x.element_type(), [&](auto t) {
+    SlabMoments(pool, x.reinterpret_data<decltype(t)>(), p, mean->typed_data(), m2->typed_data());
+  });
 }
 
 ffi::Error SlabDySumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> mean,
                           ffi::Result<ffi::Buffer<ffi::F32>> s1, ffi::Result<ffi::Buffer<ffi::F32>> s2) {
   SlabPlan p = MakeSlabPlan(x.dimensions());
-  if (dy.element_type() != x.element_type() || dy.element_count() != x.element_count() ||
-      mean.element_count() != static_cast<size_t>(p.groups * p.channels))
-    return ffi::Error::InvalidArgument(
-        "jaxbn_slab_dy_sums: expected dy of x's dtype and " + std::to_string(x.element_count()) +
-        " elements and mean of " + std::to_string(p.groups * p.channels) + ", got dy of " +
-        std::to_string(dy.element_count()) + " and mean of " + std::to_string(mean.element_count()));
-  switch (x.element_type()) {
-    case ffi::F32:
-      SlabDySums(pool, x.reinterpret_data<float>(), dy.reinterpret_data<float>(), mean.typed_data(), p,
-                 s1->typed_data(), s2->typed_data());
-      return ffi::Error::Success();
-    case ffi::BF16:
-      SlabDySums(pool, x.reinterpret_data<uint16_t>(), dy.reinterpret_data<uint16_t>(), mean.typed_data(), p,
-                 s1->typed_data(), s2->typed_data());
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("jaxbn_slab_dy_sums: x must be float32 or bfloat16, got XLA dtype " +
-                                         std::to_string(static_cast<int>(x.element_type())));
-  }
+  ffi::Error err = CheckDySums("jaxbn_slab_dy_sums", x, dy, mean, p.groups * p.channels);
+  if (err.failure()) return err;
+  return ByDtype("jaxbn_slab_dy_sums", x.element_type(), [&](auto t) {
+    using T = decltype(t);
+    SlabDySums(pool, x.reinterpret_data<T>(), dy.reinterpret_data<T>(), mean.typed_data(), p, s1->typed_data(),
+               s2->typed_data());
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, UnmaskedMomentsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The bindings: moments (x) -> (mean, m2); dy sums (x, dy, mean) -> (s1, s2).
+static auto MomentsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
 
+static auto DySumsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, UnmaskedMomentsImpl, MomentsBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnSlabMoments, SlabMomentsImpl, MomentsBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnDySums, DySumsImpl, DySumsBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnSlabDySums, SlabDySumsImpl, DySumsBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMaskedMoments, MaskedMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnDySums, DySumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnSlabMoments, SlabMomentsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnSlabDySums, SlabDySumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
