@@ -43,7 +43,9 @@ SHAPES = {
     "chunks": (40, 32, 32, 8),  # 327680 elements: several chunks across threads
     "narrow_ragged": (37, 3, 16),  # 8 channels at a time; 111 rows = 64 + 47 (odd remainders)
     "one_channel": (300, 1),
-    "wide": (5, 3, 700),  # 8-row blocks
+    "wide": (5, 3, 700),  # 8-row blocks; 700 = 87·8 + 4 channels
+    "c40": (3, 50, 40),  # rows of 5 and 8 vectors: sums held in registers
+    "c64": (4, 9, 7, 64),
     "tiny": (2, 3),
 }
 
