@@ -156,6 +156,27 @@ inline void MergeBlock(double n, double nb, float m, float e, float q, double* m
   *m2 += (q - eb * eb * ib) + d * d * (n * nb / nn);
 }
 
+// Σ (x - m) and Σ (x - m)² down a column of 8 channels (row stride C) of nb rows.
+template <typename T>
+inline void Deviations8(const T* col, int64_t nb, int64_t C, V8 m, V8* e, V8* q) {
+  V8 e0{}, e1{}, q0{}, q1{};
+  int64_t r = 0;
+  for (; r + 2 <= nb; r += 2) {
+    const V8 d0 = Load8(col + r * C) - m, d1 = Load8(col + (r + 1) * C) - m;
+    e0 += d0;
+    e1 += d1;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+  }
+  if (r < nb) {
+    const V8 d0 = Load8(col + r * C) - m;
+    e0 += d0;
+    q0 += d0 * d0;
+  }
+  *e = e0 + e1;
+  *q = q0 + q1;
+}
+
 // One block of nb rows, 8 channels at a time, accumulators in registers: the first
 // pass brings the 8-channel column of the block into L1, the second rereads it there.
 template <typename T>
@@ -173,20 +194,8 @@ void MomentsBlock8(const T* blk, int64_t nb, int64_t C, double n, double* mean, 
     }
     for (; r < nb; ++r) a0 += Load8(col + r * C);
     const V8 m = ((a0 + a1) + (a2 + a3)) * inv;
-    V8 e0{}, e1{}, q0{}, q1{};
-    for (r = 0; r + 2 <= nb; r += 2) {
-      const V8 d0 = Load8(col + r * C) - m, d1 = Load8(col + (r + 1) * C) - m;
-      e0 += d0;
-      e1 += d1;
-      q0 += d0 * d0;
-      q1 += d1 * d1;
-    }
-    if (r < nb) {
-      const V8 d0 = Load8(col + r * C) - m;
-      e0 += d0;
-      q0 += d0 * d0;
-    }
-    const V8 e = e0 + e1, q = q0 + q1;
+    V8 e, q;
+    Deviations8(col, nb, C, m, &e, &q);
     for (int j = 0; j < 8; ++j) MergeBlock(n, nb, m[j], e[j], q[j], mean + t + j, m2 + t + j);
   }
 }
@@ -265,23 +274,8 @@ void MomentsChunk(const T* x, const bool* keep, int64_t r0, int64_t r1, const Pl
     // row: 5 memory operations per element instead of 1).
     int64_t c0 = 0;
     for (; c0 + 8 <= C; c0 += 8) {
-      const T* col = blk + c0;
-      const V8 mv = Load8(m + c0);
-      V8 e0{}, e1{}, q0{}, q1{};
-      int64_t r = 0;
-      for (; r + 2 <= nb; r += 2) {
-        const V8 d0 = Load8(col + r * C) - mv, d1 = Load8(col + (r + 1) * C) - mv;
-        e0 += d0;
-        e1 += d1;
-        q0 += d0 * d0;
-        q1 += d1 * d1;
-      }
-      if (r < nb) {
-        const V8 d0 = Load8(col + r * C) - mv;
-        e0 += d0;
-        q0 += d0 * d0;
-      }
-      const V8 ev = e0 + e1, qv = q0 + q1;
+      V8 ev, qv;
+      Deviations8(blk + c0, nb, C, Load8(m + c0), &ev, &qv);
       for (int j = 0; j < 8; ++j) {
         e[c0 + j] = ev[j];
         q[c0 + j] = qv[j];
