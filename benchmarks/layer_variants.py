@@ -9,7 +9,7 @@ on y as in a network) at 16×56×56×64 float32 for:
   ``(N, H, W, 1)`` (both leave out whole rows: the masked row kernel) and per entry
   ``(N, H, W, C)`` (the XLA formulation's select path);
 * NCHW (``axis=1``, the slab kernels), without a mask and with a per-example mask
-  (XLA statistics, slab kernel in the backward).
+  (the masked slab kernel).
 
 The mask is an input of the jitted function, as a padded batch's would be (a mask
 closed over as a constant lets XLA fold the count away); 90 % of the entries are
@@ -90,7 +90,7 @@ def main():
                 f = jax.jit(jax.grad(_loss_fn(peer, C, 1 if layout == "nchw" else -1), argnums=(0, 1)))
                 hlo = f.lower(x, p, g, mask).compile().as_text()
             fs[(case, peer)] = (f, x, g, mask)
-            uses_kernel[(case, peer)] = any(f'"jaxbn_{k}moments"' in hlo for k in ("", "masked_", "slab_"))
+            uses_kernel[(case, peer)] = any(f'"jaxbn_{k}moments"' in hlo for k in ("", "masked_", "slab_", "masked_slab_"))
     cands = {f"{c}|{peer}": (lambda f=f, x=x, g=g, mask=mask: f(x, p, g, mask))
              for (c, peer), (f, x, g, mask) in fs.items()}
     smp = _common.interleave(cands, rounds=args.rounds, calls=3, warmup=2)

@@ -24,7 +24,7 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
 
 On XLA:CPU the per-device sums (Σx and Σ(x - m)² forward, Σdy and Σdy·(x - μ)
 backward) come from one-sweep C++ kernels when the feature axes are contiguous
-(NHWC or NCHW) and a mask, if any, leaves out whole rows of trailing features
+(NHWC or NCHW) and a mask, if any, leaves out whole rows or slabs
 (``jaxbn/cpu_kernel.py``); elsewhere from XLA reductions.
 Both compute the same sums in float32 or better.
 
@@ -341,12 +341,12 @@ def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel
         n = n * math.prod(x.shape[a] for a in inner)
         n = jnp.broadcast_to(jnp.squeeze(n, red), lay.feature_shape)
 
-        if kernel and lay.feature_axes[-1] == x.ndim - 1 and all(k[a] == 1 for a in lay.feature_axes):
-            # The mask leaves out whole rows: one sweep over the kept rows (see
-            # jaxbn/cpu_kernel.py), with a row mask 1/C of x's size.
-            nf = len(lay.feature_axes)
-            rows = jnp.broadcast_to(jnp.reshape(mask, k)[(...,) + (0,) * nf], x.shape[: x.ndim - nf])
-            m, m2 = _vary_like(cpu_kernel.masked_moments(x, rows, nf), x, mask)
+        f0 = lay.feature_axes[0]
+        if kernel and all(k[a] == 1 for a in range(f0, x.ndim)):
+            # The mask leaves out whole rows (NHWC) or slabs (NCHW): one sweep over
+            # the kept ones (see jaxbn/cpu_kernel.py), with a mask of x.shape[:f0].
+            keep = jnp.broadcast_to(jnp.reshape(mask, k)[(...,) + (0,) * (x.ndim - f0)], x.shape[:f0])
+            m, m2 = _vary_like(cpu_kernel.masked_moments(x, keep, lay.feature_axes), x, mask)
         else:
 
             def masked_sum(v, keep):

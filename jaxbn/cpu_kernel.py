@@ -25,9 +25,9 @@ custom call and would gather its operands onto every device). Inside a partially
 manual ``shard_map`` they are not used.
 The kernels take float32 and bfloat16 x whose feature axes are contiguous: trailing
 (NHWC: rows of C features), or followed by others (NCHW: slabs of H·W elements per
-example and feature). Masks: none, or, with trailing features, one that leaves out
-whole rows (constant along the features: per example, per position). Anything else
-goes to the XLA formulation.
+example and feature). Masks: none, or one constant along the features and every axis
+after them, which leaves out whole rows (NHWC: per example, per position) or slabs
+(NCHW: per example). Anything else goes to the XLA formulation.
 
 ``jax.export`` refuses custom calls that carry no compatibility guarantee:
 evaluation-mode BatchNorm (no reductions) exports as is, but to export a training
@@ -62,7 +62,7 @@ __all__ = ["available", "build_error", "mode", "use", "moments", "masked_moments
 _SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cc"
 _TARGETS = {"jaxbn_moments": "JaxbnMoments", "jaxbn_masked_moments": "JaxbnMaskedMoments",
             "jaxbn_dy_sums": "JaxbnDySums", "jaxbn_slab_moments": "JaxbnSlabMoments",
-            "jaxbn_slab_dy_sums": "JaxbnSlabDySums"}
+            "jaxbn_slab_dy_sums": "JaxbnSlabDySums", "jaxbn_masked_slab_moments": "JaxbnMaskedSlabMoments"}
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 _build_error: Optional[str] = None
 _MODES = ("auto", "0", "1")
@@ -285,32 +285,42 @@ def moments(x: jax.Array, feature_axes):
     return mean.reshape(fs), m2.reshape(fs)
 
 
-@jax.custom_jvp
-def _masked_moments_rows(xr, keep):
-    return _call("jaxbn_masked_moments", xr.shape[-1], xr, keep)
+def _masked_moments_kernel(target: str):
+    """(v, keep) -> (mean, M2) per feature over the rows or slabs (axis 0 of the view)
+    that `keep` keeps, with its JVP rule."""
+
+    @jax.custom_jvp
+    def op(v, keep):
+        return _call(target, v.shape[1], v, keep)
+
+    @op.defjvp
+    def _jvp(primals, tangents):
+        # Over the kept entries K (n of them): d mean = Σ_K t / n,  d M2 = 2·Σ_K (x - mean)·t.
+        (v, keep), (t, _) = primals, tangents
+        mean, m2 = op(v, keep)
+        k = jnp.reshape(keep, keep.shape + (1,) * (v.ndim - 1))
+        n = jnp.maximum(jnp.sum(keep, dtype=jnp.float32) * math.prod(v.shape[2:]), 1)
+        t = jnp.where(k, t.astype(jnp.float32), 0)
+        xc = jnp.where(k, v.astype(jnp.float32) - _col(mean, v), 0)
+        return (mean, m2), (jnp.sum(t, _red(v)) / n, 2 * jnp.sum(xc * t, _red(v)))
+
+    return op
 
 
-@_masked_moments_rows.defjvp
-def _masked_moments_rows_jvp(primals, tangents):
-    # Over the kept rows K (n of them): d mean = Σ_K t / n,  d M2 = 2·Σ_K (x - mean)·t.
-    (xr, keep), (t, _) = primals, tangents
-    mean, m2 = _masked_moments_rows(xr, keep)
-    k = keep[..., None]
-    n = jnp.maximum(jnp.sum(keep, -1, dtype=jnp.float32), 1)[..., None]
-    t = jnp.where(k, t.astype(jnp.float32), 0)
-    xc = jnp.where(k, xr.astype(jnp.float32) - mean[..., None, :], 0)
-    return (mean, m2), (jnp.sum(t, -2) / n, 2 * jnp.sum(xc * t, -2))
+_MASKED_MOMENTS = {2: _masked_moments_kernel("jaxbn_masked_moments"),
+                   3: _masked_moments_kernel("jaxbn_masked_slab_moments")}
 
 
-def masked_moments(x: jax.Array, keep: jax.Array, nf: int):
-    """(mean, M2) over the rows of x (all but the trailing `nf` axes) where the boolean
-    `keep` (shape ``x.shape[:-nf]``) is true, float32, one sweep; left-out rows are
-    never read. With no row kept, mean = M2 = 0."""
-    xr, fs = _view(x, tuple(range(x.ndim - nf, x.ndim)))
-    if keep.shape != x.shape[: x.ndim - nf] or keep.dtype != jnp.bool_:
-        raise ValueError(f"keep must be a boolean array of shape {x.shape[: x.ndim - nf]}, "
-                         f"got {keep.dtype} {keep.shape}")
-    mean, m2 = _masked_moments_rows(xr, jnp.reshape(keep, (xr.shape[0],)))
+def masked_moments(x: jax.Array, keep: jax.Array, feature_axes):
+    """(mean, M2) over all but the (contiguous) `feature_axes` of x, counting only the
+    rows (features trailing) or slabs (features followed by other axes) that the
+    boolean `keep`, of shape ``x.shape[:feature_axes[0]]``, keeps; float32, one
+    sweep; left-out rows and slabs are never read. With nothing kept, mean = M2 = 0."""
+    v, fs = _view(x, feature_axes)
+    lead = x.shape[: min(a % x.ndim for a in feature_axes)]
+    if keep.shape != lead or keep.dtype != jnp.bool_:
+        raise ValueError(f"keep must be a boolean array of shape {lead}, got {keep.dtype} {keep.shape}")
+    mean, m2 = _MASKED_MOMENTS[v.ndim](v, jnp.reshape(keep, (v.shape[0],)))
     return mean.reshape(fs), m2.reshape(fs)
 
 

@@ -88,7 +88,7 @@ def test_kernels_under_vmap_reduce_each_group():
     assert rel_err(m2, xd.var(1) * 50) < 1e-6
 
 
-_masked_moments = jax.jit(lambda x, keep: cpu_kernel.masked_moments(x, keep, 1))
+_masked_moments = jax.jit(lambda x, keep: cpu_kernel.masked_moments(x, keep, (-1,)))
 
 
 def _keep(rows_shape, seed):
@@ -132,15 +132,15 @@ def test_masked_kernel_jvp_vmap_and_bad_keep():
         m = jnp.sum(jnp.where(k[:, None], x, 0), 0) / n
         return m, jnp.sum(jnp.where(k[:, None], (x - m) ** 2, 0), 0)
 
-    got = jax.jvp(lambda x: cpu_kernel.masked_moments(x, keep[2], 1), (x[2],), (t[2],))
+    got = jax.jvp(lambda x: cpu_kernel.masked_moments(x, keep[2], (-1,)), (x[2],), (t[2],))
     want = jax.jvp(lambda x: ref(x, keep[2]), (x[2],), (t[2],))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert rel_err(a, b) < 1e-5
-    per = jax.vmap(lambda x, k: cpu_kernel.masked_moments(x, k, 1))(x, keep)
+    per = jax.vmap(lambda x, k: cpu_kernel.masked_moments(x, k, (-1,)))(x, keep)
     for a, b in zip(per, jax.vmap(ref)(x, keep)):
         assert rel_err(a, b) < 1e-5
     with pytest.raises(ValueError, match=r"keep must be a boolean array of shape \(3, 50\)"):
-        cpu_kernel.masked_moments(x, keep[0], 1)
+        cpu_kernel.masked_moments(x, keep[0], (-1,))
 
 
 @pytest.mark.parametrize("mask_shape", [(16, 1, 1, 1), (16, 6, 6, 1), (6, 1, 1)], ids=["example", "position", "spatial"])
@@ -319,13 +319,63 @@ def test_slab_kernel_jvps_and_vmap():
         assert rel_err(a, b) < 1e-5
 
 
-def test_non_contiguous_feature_axes_and_masked_nchw_use_xla_statistics():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["nchw", "long_slabs", "two_feature_axes"])
+def test_masked_slab_kernel_matches_float64_oracle(name, dtype):
+    # keep over the axes before the features (NCHW: per example); left-out slabs hold junk.
+    shape, feat = SLAB_SHAPES[name]
+    lead = shape[: feat[0]]
+    keep = np.random.default_rng(62).uniform(size=lead) < 0.6
+    keep.flat[0], keep.flat[-1] = False, True
+    x = _data(shape, 1e4 if dtype == jnp.float32 else 50.0, 1.0, 63, dtype)
+    kb = keep.reshape(lead + (1,) * (len(shape) - len(lead)))
+    junk = np.random.default_rng(64).choice([np.nan, np.inf, -np.inf, 1e30], size=shape)
+    bad = jnp.where(kb, x, jnp.asarray(junk, dtype))
+    with cpu_kernel.use("1"):
+        mean, m2 = jax.jit(lambda x, k: cpu_kernel.masked_moments(x, k, feat))(bad, jnp.asarray(keep))
+        per = jax.vmap(lambda x, k: cpu_kernel.masked_moments(x, k, tuple(a - 1 for a in feat)))(bad, jnp.asarray(keep))
+    mean_ref, var_ref, n = np_moments(np.asarray(x.astype(jnp.float32), np.float64), kb, feat)
+    assert rel_err(mean, mean_ref) < 1e-7 and rel_err(m2, var_ref * n) < 1e-6
+    for i in range(lead[0]):  # vmap over the leading axis: each entry's own statistics (zeros when left out)
+        if keep[i].any():
+            mi, vi, ni = np_moments(np.asarray(x[i].astype(jnp.float32), np.float64), kb[i], tuple(a - 1 for a in feat))
+            assert rel_err(per[0][i], mi) < 1e-6 and rel_err(per[1][i], vi * ni) < 1e-5
+        else:
+            np.testing.assert_array_equal(per[0][i], 0)
+
+
+def test_masked_slab_kernel_jvp():
+    x, t = _data((6, 4, 3, 7), 2.0, 1.5, 65), _data((6, 4, 3, 7), 0.0, 1.0, 66)
+    keep = jnp.asarray([True, False, True, True, False, True])
+    kb = keep[:, None, None, None]
+
+    def ref(x):
+        n = jnp.sum(keep) * 21
+        m = jnp.sum(jnp.where(kb, x, 0), (0, 2, 3)) / n
+        return m, jnp.sum(jnp.where(kb, (x - m[:, None, None]) ** 2, 0), (0, 2, 3))
+
+    got = jax.jvp(lambda x: cpu_kernel.masked_moments(x, keep, (1,)), (x,), (t,))
+    want = jax.jvp(ref, (x,), (t,))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_which_masks_and_layouts_use_which_kernels():
     x = _data((4, 8, 3, 3), 1.0, 2.0, 11)
-    hlo = _layer("1", axis=(1, 3)).lower(x, jaxbn.init_params((8, 3)), x).compile().as_text()
-    assert "jaxbn_" not in hlo
-    mask = np.arange(4).reshape(4, 1, 1, 1) < 3
-    hlo = _layer("1", axis=1, mask=mask).lower(x, jaxbn.init_params(8), x).compile().as_text()
-    assert "jaxbn_slab_moments" not in hlo and "jaxbn_masked_moments" not in hlo and "jaxbn_slab_dy_sums" in hlo
+    p8 = jaxbn.init_params(8)
+
+    def targets(axis, mask, p=p8):
+        hlo = _layer("1", axis=axis, mask=mask).lower(x, p, x).compile().as_text()
+        return {t for t in ("moments", "masked_moments", "slab_moments", "masked_slab_moments",
+                            "dy_sums", "slab_dy_sums") if f'"jaxbn_{t}"' in hlo}
+
+    assert targets((1, 3), None, jaxbn.init_params((8, 3))) == set()  # not contiguous: XLA
+    per_example = np.arange(4).reshape(4, 1, 1, 1) < 3
+    assert targets(1, per_example) == {"masked_slab_moments", "slab_dy_sums"}
+    per_position = np.random.default_rng(67).uniform(size=(4, 1, 3, 3)) < 0.5
+    assert targets(1, per_position) == {"slab_dy_sums"}  # varies along H, W: XLA statistics
+    nhwc_per_position = np.random.default_rng(68).uniform(size=(4, 8, 3, 1)) < 0.5  # x as NHWC with C = 3
+    assert targets(-1, nhwc_per_position, jaxbn.init_params(3)) == {"masked_moments", "dy_sums"}
 
 
 def _mesh():
