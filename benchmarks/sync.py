@@ -25,6 +25,12 @@ equal per-device batch:
   the default before 2026-11-23) XLA may compute backward reductions of ``dy``
   while a device waits at the forward's all-reduce, which hides part of the
   collective's cost in a way no network can.
+* barrier control (``barriers``): the same BN math with per-device statistics in
+  both variants, whose "synchronized" variant waits at an all-reduce exactly where
+  synchronized BN has its two (after the forward's and the backward's sums; the
+  results are discarded) and compiles to the same collectives as jaxbn's
+  synchronized layer. Its overhead is what the barriers alone cost at equal work:
+  the floor of any synchronized BN on this machine, measured.
 * collective latency: the time one all-reduce of a BN-sized payload adds to a
   program when it sits on the critical path (programs with 0 and 2 chained
   all-reduces, interleaved), and from it the least overhead synchronized
@@ -56,7 +62,10 @@ sys.path.insert(0, HERE)
 import _common  # noqa: E402
 
 NDEV = 8  # default; --devices
-KINDS = ("jaxbn", "jaxbn[xla]", "flax")  # jaxbn[xla]: jaxbn without its CPU kernels (jaxbn/cpu_kernel.py)
+# jaxbn[xla]: jaxbn without its CPU kernels (jaxbn/cpu_kernel.py). barriers: a control, the XLA formulation
+# with per-device statistics whose reductions, when "synchronized", wait for an all-reduce at the places where
+# synchronized BN has its two (the results discarded): what the barriers alone cost at equal work.
+KINDS = ("jaxbn", "jaxbn[xla]", "flax", "barriers")
 SHAPES = {  # per-device shapes (global batch = 8 x the first dimension)
     "cnn": (16, 26, 26, 32),  # the article's CNN at global batch 128
     "resnet-s1": (16, 32, 32, 16),  # ResNet-20 stage 1 at global batch 128
@@ -136,6 +145,11 @@ def main(argv=None):
                 with jaxbn.cpu_kernel.use(setting):
                     return jaxbn.batch_norm(x, {"scale": s, "bias": b}, jaxbn.init_state(C), training=True,
                                             momentum=0.99, axis_name=name)[0]
+        elif kind == "barriers":
+            def f(x, s, b):
+                if not sync and api_ == "shard_map":
+                    s, b = jax.lax.pcast((s, b), "batch", to="varying")
+                return barrier_bn(name, api_)(x, s, b)
         else:
             mod = nn.BatchNorm(use_running_average=False, momentum=0.99, axis_name=name)
 
@@ -144,6 +158,41 @@ def main(argv=None):
                 bs = {"mean": jnp.zeros((C,)), "var": jnp.ones((C,))}
                 return mod.apply({"params": {"scale": s, "bias": b}, "batch_stats": bs}, x,
                                  mutable=["batch_stats"])[0]
+        return f
+
+    def barrier_bn(name, api_):
+        """BN with per-device statistics (two-pass forward, [Σdy, Σdy·(x - μ)] backward);
+        with `name`, each set of sums first waits for an all-reduce of itself (the sum
+        is then discarded: v + 0·psum(v), which XLA keeps since NaN·0 is NaN), and under
+        shard_map the parameter gradients come from the backward's all-reduce, as in
+        synchronized BN: the same collectives as jaxbn's synchronized layer."""
+        red = (0, 1, 2)
+
+        def fwd(x, s, b):
+            m = jnp.mean(x, red)
+            st = jnp.stack([m, jnp.mean(jnp.square(x - m), red)])
+            inv = jax.lax.rsqrt(st[1] + 1e-5)
+            pinv = inv  # what the parameter gradients are scaled by (replicated when synchronized)
+            if name is not None:
+                g = jax.lax.psum(st, name)
+                st = st + 0.0 * g
+                inv = jax.lax.rsqrt(st[1] + 1e-5)
+                pinv = jax.lax.rsqrt(g[1] / ndev + 1e-5)
+            return (x - st[0]) * (inv * s) + b, (x, s, st[0], inv, pinv)
+
+        def bwd(res, dy):
+            x, s, m, inv, pinv = res
+            loc = jnp.stack([jnp.sum(dy, red), jnp.sum(dy * (x - m), red)])
+            glob = None if name is None else jax.lax.psum(loc, name)
+            s1, s2 = loc if glob is None else loc + 0.0 * glob
+            n = x.size // x.shape[-1]
+            a = inv * s
+            dx = dy * a - (a * s1 / n + (x - m) * (a * inv * inv * s2 / n))
+            p1, p2 = glob if glob is not None and api_ == "shard_map" else loc
+            return dx, p2 * pinv, p1
+
+        f = jax.custom_vjp(lambda x, s, b: fwd(x, s, b)[0])
+        f.defvjp(fwd, bwd)
         return f
 
     chained = args.cotangent == "chained"
