@@ -15,7 +15,10 @@ The mask is an input of the jitted function, as a padded batch's would be (a mas
 closed over as a constant lets XLA fold the count away); 90 % of the entries are
 kept. Peers: ``jaxbn`` (kernels where usable), ``jaxbn[xla]`` (kernels off) and
 ``flax.linen.BatchNorm(axis=..., mask=...)``, interleaved in one process, medians.
-Results: results/layer_variants.json.
+Then the count of valid entries alone, for the per-example and per-position masks:
+summing the mask widened to x's shape (what jaxbn did before 2026-11-23, and what
+Flax does) against ``jaxbn.moments(...).count`` (the mask's own entries times the
+sizes of the axes it is broadcast along). Results: results/layer_variants.json.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
+    import jaxbn
     from jaxbn import cpu_kernel
 
     C = SHAPE[-1]
@@ -95,7 +99,21 @@ def main():
              for (c, peer), (f, x, g, mask) in fs.items()}
     smp = _common.interleave(cands, rounds=args.rounds, calls=3, warmup=2)
 
-    results = {"environment": _common.environment(), "shape_nhwc": SHAPE, "shape_nchw": NCHW, "kept": 0.9,
+    count = {}
+    for case in ("per_example", "per_position"):
+        mask = jnp.asarray(rng.uniform(size=CASES[case][1]) < 0.9)
+        x = data["nhwc"][0]
+        widened = jax.jit(lambda x, m: jnp.sum(jnp.broadcast_to(m, x.shape), (0, 1, 2), dtype=jnp.float32))
+        own = jax.jit(lambda x, m: jaxbn.moments(x, mask=m).count)
+        np.testing.assert_array_equal(np.asarray(widened(x, mask)), np.asarray(own(x, mask)))
+        smp_c = _common.interleave({"widened": lambda: widened(x, mask), "own": lambda: own(x, mask)},
+                                   rounds=args.rounds, calls=3, warmup=2)
+        count[case] = {k: float(np.median(v) * 1e3) for k, v in smp_c.items()}
+        # (only .count is returned: XLA drops the statistics, so "own" times the count alone)
+        print(f"count, {case} mask: widened {count[case]['widened']:.2f} ms, "
+              f"from the mask's own entries {count[case]['own']:.2f} ms", flush=True)
+
+    results = {"environment": _common.environment(), "count_ms": count, "shape_nhwc": SHAPE, "shape_nchw": NCHW, "kept": 0.9,
                "rounds": args.rounds, "cases": {c: {"layout": lay, "mask_shape": ms} for c, (lay, ms) in CASES.items()}}
     rows = []
     for m in CASES:

@@ -234,8 +234,8 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("mask_shape", [(6, 1, 1, 1), (6, 3, 4, 1), (3, 4, 1)])
 def test_count_reads_only_the_mask(mask_shape):
     # The count comes from the mask's own entries (times the sizes of the axes it is
-    # broadcast along): summing the mask widened to x's shape cost XLA:CPU 12 ms
-    # against 1 ms for both passes over a 16×56×56×64 x (jaxbn/batch_norm.py).
+    # broadcast along): summing the mask widened to x's shape cost XLA:CPU 11–14 ms
+    # against 1 ms for both passes over a 16×56×56×64 x (benchmarks/layer_variants.py).
     shape = (6, 3, 4, 5)
     mask = np.random.default_rng(0).uniform(size=mask_shape) < 0.6
     x = _data(shape)

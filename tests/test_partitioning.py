@@ -228,27 +228,31 @@ def test_masked_moments_sharded_jit_jvp_and_vmap(ndev):
     assert rel_err(per, want) < RTOL["float32"]
 
 
-def test_sharded_jit_nchw_slab_kernels(ndev):
+@pytest.mark.parametrize("masked", [False, True], ids=["", "per_example_mask"])
+def test_sharded_jit_nchw_slab_kernels(masked, ndev):
     """Features on axis 1 (NCHW), batch and features sharded: the slab kernels on each
-    device's part, one all-reduce each way, the global batch's results."""
+    device's part (a per-example mask with an empty device shard: the masked slab
+    kernel), one all-reduce each way, the global batch's results."""
     xn = np.ascontiguousarray(np.transpose(X, (0, 3, 1, 2)))
     wn = np.ascontiguousarray(np.transpose(W, (0, 3, 1, 2)))
+    mask = MASKS["per_example"] if masked else None
 
-    def loss(x, p):
-        y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(C), training=True, momentum=0.0, axis=1)
+    def loss(x, p, m):
+        y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(C), training=True, momentum=0.0, axis=1, mask=m)
         return jnp.sum(wn * y), (y, st)
 
     mesh = _mesh2d()
     x = jax.device_put(xn, NamedSharding(mesh, P("b", "f")))
+    m = None if mask is None else jax.device_put(mask, NamedSharding(mesh, P("b")))
     with cpu_kernel.use("auto"):
         f = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-        hlo = f.lower(x, PARAMS).compile().as_text()
-    (dx, dp), (y, st) = f(x, PARAMS)
+        hlo = f.lower(x, PARAMS, m).compile().as_text()
+    (dx, dp), (y, st) = f(x, PARAMS, m)
     if cpu_kernel.available():
-        assert "jaxbn_slab_moments" in hlo and "jaxbn_slab_dy_sums" in hlo
+        assert f'"jaxbn_{"masked_" if masked else ""}slab_moments"' in hlo and "jaxbn_slab_dy_sums" in hlo
     assert _collectives(hlo) == {"all-reduce": 2, "all-gather": 0, "all-to-all": 0}, _collectives(hlo)
-    y_ref, m_ref, v_ref, _ = np_batch_norm(xn, PARAMS["scale"], PARAMS["bias"], feature_axes=(1,))
-    dx_ref, ds_ref, db_ref = np_grads(xn, PARAMS["scale"], PARAMS["bias"], wn, feature_axes=(1,))
+    y_ref, m_ref, v_ref, _ = np_batch_norm(xn, PARAMS["scale"], PARAMS["bias"], mask, feature_axes=(1,))
+    dx_ref, ds_ref, db_ref = np_grads(xn, PARAMS["scale"], PARAMS["bias"], wn, mask, feature_axes=(1,))
     assert rel_err(y, y_ref) < RTOL["float32"]
     assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
     assert rel_err(dx, dx_ref) < 1e-4
