@@ -1,13 +1,15 @@
 """jaxbn: batch normalization for JAX with exact cross-device statistics.
 
-`import jaxbn` imports only JAX and NumPy (`jaxbn.cpu_kernel`, imported by the core,
-holds the CPU kernels' switch). The Flax adapters live in
-`jaxbn.linen` and `jaxbn.nnx` and are imported on demand.
+The public face: the core's functions and types (``jaxbn/batch_norm.py``).
+`import jaxbn` imports only JAX and NumPy; `jaxbn.cpu_kernel` holds the CPU
+kernels' switch. The Flax adapters (`jaxbn.linen`, `jaxbn.nnx`), the tools
+(`jaxbn.sync_check`, `jaxbn.folding`, `jaxbn.inference`, `jaxbn.torch_convert`),
+the models and the training code (`jaxbn.training`) are imported on demand.
 """
 
+from jaxbn import cpu_kernel
+from jaxbn._types import BatchNormState, Moments
 from jaxbn.batch_norm import (
-    BatchNormState,
-    Moments,
     batch_norm,
     init_params,
     init_state,

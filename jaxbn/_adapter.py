@@ -9,7 +9,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxbn.batch_norm import BatchNormState, batch_norm
+from jaxbn._types import BatchNormState
+from jaxbn.batch_norm import batch_norm
 
 
 def apply_batch_norm(m, x, params: dict, state: BatchNormState, *, use_running_average: bool, axis_name, mask,

@@ -1,9 +1,11 @@
 """Pure-function batch normalization with exact cross-device statistics.
 
 Everything here is a plain function of arrays: statistics (`moments`), the
-normalization itself (`normalize`) and one training/evaluation step of a
-BatchNorm layer with its running averages (`batch_norm`). State goes in and comes
-out explicitly; nothing is mutated.
+normalization itself (`normalize`), the running-average rule (`running_moments`)
+and one training/evaluation step of a BatchNorm layer (`batch_norm`). State goes
+in and comes out explicitly; nothing is mutated. The file reads as the math:
+statistics, normalization, the training layer's custom derivative, the running
+averages, the layer.
 
 Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``):
 
@@ -18,15 +20,11 @@ Numerical invariants of the statistics (stronger than Flax's ``_compute_stats``)
   masks and empty shards are exact.
 * One collective in the forward pass (an all-reduce of the per-device triples) and
   one in the backward pass (an all-reduce of ``[Σdy, Σdy·(x-μ)]``).
-* Under sharded ``jit`` (no named axis) the statistics (masked or not) are declared with
-  ``custom_partitioning`` (``jaxbn/partitioning.py``): the same per-device triples
-  and the same single all-reduce, instead of XLA's own split of the two passes.
 
-On XLA:CPU the per-device sums (Σx and Σ(x - m)² forward, Σdy and Σdy·(x - μ)
-backward) come from one-sweep C++ kernels when the feature axes are contiguous
-(NHWC or NCHW) and a mask, if any, leaves out whole rows or slabs
-(``jaxbn/cpu_kernel.py``); elsewhere from XLA reductions.
-Both compute the same sums in float32 or better.
+Where the per-device sums come from is the statistics backends' business
+(``jaxbn/backends``): the XLA formulation, one-sweep CPU kernels, or, under sharded
+``jit``, either of them wrapped in a declared partitioning with the same single
+all-reduce. `select` picks one per call; the math below never asks which.
 
 References:
   Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by
@@ -38,14 +36,16 @@ References:
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from jaxbn import cpu_kernel, partitioning
+from jaxbn import _checks as checks
+from jaxbn._stats import affine, merge_over_axes, stat_dtype
+from jaxbn._types import ArrayLike, Axis, AxisName, BatchNormState, Moments
+from jaxbn.backends import Reductions, select
+from jaxbn.backends.context import param_cotangent
 
 __all__ = [
     "BatchNormState",
@@ -58,43 +58,16 @@ __all__ = [
     "running_moments",
 ]
 
-Axis = Union[int, Sequence[int]]
-AxisName = Union[None, str, Sequence[str]]
-ArrayLike = jax.typing.ArrayLike
-
-
-class BatchNormState(NamedTuple):
-    """Running statistics of a BatchNorm layer (a pytree)."""
-
-    mean: jax.Array  # (*features,) float32, running mean.
-    var: jax.Array  # (*features,) float32, running variance (biased unless configured).
-    count: jax.Array  # () int32, updates applied so far (PyTorch's num_batches_tracked).
-
-
-class Moments(NamedTuple):
-    """Batch statistics over every reduced axis and every device of the named axis."""
-
-    mean: jax.Array  # (*features,) float32.
-    var: jax.Array  # (*features,) float32, biased (divided by `count`).
-    count: jax.Array  # (*features,) float32, number of valid entries per feature.
-
-
-def _as_shape(num_features: Union[int, Sequence[int]], name: str) -> tuple[int, ...]:
-    shape = (num_features,) if isinstance(num_features, numbers.Integral) else tuple(num_features)
-    if not shape or any(not isinstance(d, numbers.Integral) or d < 1 for d in shape):
-        raise ValueError(f"{name} must be a positive int or a tuple of positive ints, got {num_features!r}")
-    return tuple(int(d) for d in shape)
-
 
 def init_params(num_features: Union[int, Sequence[int]], *, dtype: Any = jnp.float32) -> dict:
     """Returns ``{'scale': ones, 'bias': zeros}`` of shape ``(num_features,)``."""
-    shape = _as_shape(num_features, "num_features")
+    shape = checks.as_shape(num_features)
     return {"scale": jnp.ones(shape, dtype), "bias": jnp.zeros(shape, dtype)}
 
 
 def init_state(num_features: Union[int, Sequence[int]]) -> BatchNormState:
     """Returns running statistics ``mean=0``, ``var=1``, ``count=0`` (float32)."""
-    shape = _as_shape(num_features, "num_features")
+    shape = checks.as_shape(num_features)
     return BatchNormState(
         mean=jnp.zeros(shape, jnp.float32),
         var=jnp.ones(shape, jnp.float32),
@@ -103,297 +76,12 @@ def init_state(num_features: Union[int, Sequence[int]]) -> BatchNormState:
 
 
 # ----------------------------------------------------------------------------
-# Argument checking: every error names the argument, the expected and actual value.
-
-
-def _check_x(x: ArrayLike) -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype} (shape {x.shape})")
-    if x.ndim == 0:
-        raise ValueError("x must have at least one dimension, got a scalar")
-    return x
-
-
-def _feature_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
-    if not axes:
-        raise ValueError(f"axis must name at least one feature axis, got {axis!r}")
-    out = []
-    for a in axes:
-        if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
-            raise ValueError(
-                f"axis={axis!r} is out of range for x with {ndim} dimensions: each feature axis "
-                f"must be an int in [{-ndim}, {ndim - 1}]"
-            )
-        out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"axis={axis!r} names the same axis twice")
-    return tuple(sorted(out))
-
-
-class _Layout(NamedTuple):
-    """How per-feature vectors line up with x."""
-
-    feature_axes: tuple[int, ...]
-    reduce_axes: tuple[int, ...]
-    feature_shape: tuple[int, ...]
-    bshape: tuple[int, ...]  # feature vectors reshaped to broadcast against x.
-
-    def b(self, v: jax.Array) -> jax.Array:
-        return jnp.reshape(v, self.bshape)
-
-
-def _layout(x: jax.Array, axis: Axis) -> _Layout:
-    feat = _feature_axes(x.ndim, axis)
-    red = tuple(a for a in range(x.ndim) if a not in feat)
-    fshape = tuple(x.shape[a] for a in feat)
-    bshape = tuple(x.shape[a] if a in feat else 1 for a in range(x.ndim))
-    return _Layout(feat, red, fshape, bshape)
-
-
-def _check_vector(name: str, v: Optional[ArrayLike], lay: _Layout, x_shape) -> Optional[jax.Array]:
-    if v is None:
-        return None
-    v = jnp.asarray(v)
-    if v.shape != lay.feature_shape:
-        raise ValueError(
-            f"{name} has shape {v.shape}, expected {lay.feature_shape}: the size of the feature "
-            f"axes {lay.feature_axes} of x with shape {tuple(x_shape)}"
-        )
-    return v
-
-
-def _check_params(params: Optional[dict], lay: _Layout, x_shape):
-    if params is None:
-        return None, None
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params must be a dict with optional keys 'scale' and 'bias' or None, got {type(params).__name__}")
-    unknown = set(params.keys()) - {"scale", "bias"}
-    if unknown:
-        raise ValueError(f"params has unexpected keys {sorted(unknown)}, expected a subset of ['bias', 'scale']")
-    return (
-        _check_vector("params['scale']", params.get("scale"), lay, x_shape),
-        _check_vector("params['bias']", params.get("bias"), lay, x_shape),
-    )
-
-
-def _check_mask(mask: Optional[ArrayLike], x: jax.Array) -> Optional[jax.Array]:
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
-    try:
-        ok = jnp.broadcast_shapes(mask.shape, x.shape) == x.shape
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"mask with shape {mask.shape} does not broadcast to x's shape {x.shape}")
-    return mask
-
-
-def _concrete(v) -> Optional[float]:
-    try:
-        return float(v)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
-def _check_hyper(momentum, epsilon):
-    if momentum is not None:
-        m = _concrete(momentum)
-        if m is not None and not 0.0 <= m <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (or None for a cumulative average), got {momentum!r}")
-    e = _concrete(epsilon)
-    if e is not None and not e >= 0.0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
-
-
-def _axis_names(axis_name: AxisName) -> Optional[tuple]:
-    if axis_name is None:
-        return None
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-    if not names:
-        return None
-    return names
-
-
-def _groups(axis_index_groups) -> Optional[tuple]:
-    if axis_index_groups is None:
-        return None
-    return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-
-
-def _axis_size(names: tuple) -> int:
-    """Total size of the named axes; a clear error when one is not bound."""
-    size = 1
-    for n in names:
-        try:
-            size *= jax.lax.axis_size(n)
-        except NameError as e:
-            raise ValueError(
-                f"axis_name={n!r} is not bound here: call this inside pmap, shard_map or vmap "
-                f"with that axis name, or pass axis_name=None for per-device statistics ({e})"
-            ) from None
-    return size
-
-
-def _varying(a) -> frozenset:
-    """The named axes that `a` varies over under shard_map's type checks (else empty)."""
-    aval = jax.typeof(a)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        mat = getattr(aval, "manual_axis_type", None)
-        vma = getattr(mat, "varying", frozenset()) if mat is not None else frozenset()
-    return frozenset(vma)
-
-
-def _vary_like(outs: tuple, *ins) -> tuple:
-    """`outs` typed as varying over every axis that one of `ins` varies over.
-
-    A custom call's results carry no varying axes under shard_map's type checks;
-    left so, per-device statistics would pass for replicated ones.
-    """
-    v = frozenset().union(*(_varying(a) for a in ins))
-    if not v:
-        return outs
-    axes = tuple(sorted(v))
-    pcast = getattr(jax.lax, "pcast", None)
-    cast = (lambda o: pcast(o, axes, to="varying")) if pcast else (lambda o: jax.lax.pvary(o, axes))
-    return tuple(cast(o) if _varying(o) != v else o for o in outs)
-
-
-# ----------------------------------------------------------------------------
 # Statistics.
 
 
-def _stat_dtype(dtype) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _private(*arrays):
-    """The arrays behind an optimization barrier: the same buffers, no run-time cost.
-
-    XLA:CPU computes a reduction together with its elementwise producers (the
-    conversion to float32, x - mean, its square, dy·(x - mean)) in one pass over
-    memory only when no other expression uses that producer; a shared producer is
-    written to memory in full and read back. The forward's Σx and Σ(x - mean)², and
-    the backward's Σdy and Σdy·(x - mean), spell the same ``x.astype(float32)``,
-    ``x - mean`` and ``dy.astype(float32)``, which common-subexpression elimination
-    merges into one materialized array. Reading x (and dy) through a barrier of its
-    own gives each reduction operands XLA cannot identify with the others, so each
-    reduction streams the input in its own dtype. Float32 training then moves 40
-    bytes per element instead of 48, bfloat16 about 20 instead of 42 (counted in the
-    compiled HLO by ``benchmarks/bn_layer.py``). The arithmetic is unchanged.
-
-    Only where JAX's default backend is the CPU, where it was measured: elsewhere the
-    plain program, so that e.g. XLA:GPU stays free to fuse sibling reductions that
-    read the same input into one kernel. (``lax.platform_dependent`` would decide at
-    lowering time, but its branches must agree on shard_map's varying axes, which a
-    barrier over several operands does not preserve.)
-    """
-    if jax.default_backend() != "cpu":
-        return arrays
-    return jax.lax.optimization_barrier(arrays)
-
-
-def _local_moments(x: jax.Array, mask: Optional[jax.Array], lay: _Layout, kernel: Optional[bool] = None,
-                   sharded: Optional[bool] = None):
-    """Per-device count, mean and M2 = Σ (x - mean)² in float32 (float64 for float64 x).
-
-    `sharded`: whether the program may be split by XLA's SPMD partitioner (default:
-    ``partitioning.active()``); the statistics then go through
-    jaxbn/partitioning.py (one all-reduce, each device's rows computed here).
-    """
-    red, b = lay.reduce_axes, lay.b
-    dt = _stat_dtype(x.dtype)
-    if kernel is None:
-        kernel = cpu_kernel.usable(x, lay.feature_axes)
-    if sharded is None:
-        sharded = partitioning.active()
-    if mask is None:
-        n = math.prod(x.shape[a] for a in red)
-        if sharded and x.size:
-            m, m2 = partitioning.moments(x, lay.feature_axes, kernel)
-        elif kernel:  # one sweep over x instead of two (see jaxbn/cpu_kernel.py)
-            m, m2 = _vary_like(cpu_kernel.moments(x, lay.feature_axes), x)
-        else:
-            (xa,) = _private(x)  # each reduction reads x through its own barrier (see _private)
-            m = jnp.sum(xa.astype(dt), red) / max(n, 1)
-            xb, mb = _private(x, m)
-            m2 = jnp.sum(jnp.square(xb.astype(dt) - b(mb)), red)
-        n = jnp.full(lay.feature_shape, n, dt)
-    elif sharded and x.size:
-        n, m, m2 = partitioning.masked_moments(x, mask, lay.feature_axes, kernel)
-    else:
-        # Reduced axes along which the mask is constant (e.g. H, W for a per-example
-        # mask) are summed first, without the mask; the mask then selects among the
-        # partial sums. XLA:CPU's reductions do not absorb a select, so masking x
-        # itself would write a masked copy of x for each pass. Partial sums of
-        # masked-out entries may be anything (even NaN): they are selected away.
-        k = (1,) * (x.ndim - mask.ndim) + mask.shape
-        inner = tuple(a for a in red if k[a] == 1)
-        # The count from the mask's own entries, times the size of the axes it is
-        # broadcast along: summing the mask broadcast to x's shape costs XLA:CPU more
-        # than both passes over x (11–14 ms against 1 ms at 16×56×56×64 with a
-        # per-example mask; benchmarks/layer_variants.py times it).
-        n = jnp.sum(jnp.reshape(mask, k), tuple(a for a in red if k[a] != 1), dtype=dt, keepdims=True)
-        n = n * math.prod(x.shape[a] for a in inner)
-        n = jnp.broadcast_to(jnp.squeeze(n, red), lay.feature_shape)
-
-        f0 = lay.feature_axes[0]
-        if kernel and all(k[a] == 1 for a in range(f0, x.ndim)):
-            # The mask leaves out whole rows (NHWC) or slabs (NCHW): one sweep over
-            # the kept ones (see jaxbn/cpu_kernel.py), with a mask of x.shape[:f0].
-            keep = jnp.broadcast_to(jnp.reshape(mask, k)[(...,) + (0,) * (x.ndim - f0)], x.shape[:f0])
-            m, m2 = _vary_like(cpu_kernel.masked_moments(x, keep, lay.feature_axes), x, mask)
-        else:
-
-            def masked_sum(v, keep):
-                if inner:
-                    v = jnp.sum(v, inner, keepdims=True)
-                return jnp.sum(jnp.where(keep, v, 0), red)
-
-            xa, ka = _private(x, mask)
-            m = masked_sum(xa.astype(dt), ka) / jnp.maximum(n, 1)
-            xb, kb, mb = _private(x, mask, m)
-            m2 = masked_sum(jnp.square(xb.astype(dt) - b(mb)), kb)
-    return n, m, m2
-
-
-def _merge_moments(n, m, m2, names: Optional[tuple], groups):
-    """Merges per-device (n, mean, M2) over the named axes in one all-reduce.
-
-    Each device writes its triple into its own row of a ``(devices, 3, *F)`` buffer
-    of zeros and the buffer is summed across devices (an all-gather expressed as a
-    psum, so the result is replicated: ``shard_map(..., out_specs=P())`` accepts it).
-    Then, with ``N = Σ n_i``:
-
-        mean = Σ n_i m_i / N,      M2 = Σ M2_i + Σ n_i (m_i - mean)²
-
-    Rows of empty shards and of devices outside the group have n_i = 0 and add
-    nothing. A single psum of ``[Σx, Σx²]`` would be cheaper but cancels
-    catastrophically; a psum of shifted sums needs the shift first (a second
-    collective). This is exact and costs one collective of ``3·devices·C`` floats.
-    """
-    if names is None:
-        return n, m, m2
-    size = _axis_size(names)
-    idx = jax.lax.axis_index(names)
-    rows = jnp.stack([n, m, m2])
-    onehot = (jnp.arange(size) == idx).reshape((size,) + (1,) * rows.ndim)
-    buf = jnp.where(onehot, rows[None], jnp.zeros((), rows.dtype))
-    buf = jax.lax.psum(buf, names, axis_index_groups=groups)
-    ns, ms, m2s = buf[:, 0], buf[:, 1], buf[:, 2]
-    n = jnp.sum(ns, 0)
-    mean = jnp.sum(ns * ms, 0) / jnp.maximum(n, 1)
-    m2 = jnp.sum(m2s, 0) + jnp.sum(ns * jnp.square(ms - mean), 0)
-    return n, mean, m2
-
-
-def _global_moments(x, mask, lay, names, groups, kernel=None) -> Moments:
-    n, m, m2 = _merge_moments(*_local_moments(x, mask, lay, kernel), names, groups)
+def _global_moments(x, mask, lay: checks.Layout, names, groups, reductions: Reductions) -> Moments:
+    """Each device's (n, mean, M2) from the backend, merged over the named axes in one all-reduce."""
+    n, m, m2 = merge_over_axes(*reductions.moments(x, mask, lay), names, groups)
     return Moments(mean=m, var=m2 / jnp.maximum(n, 1), count=n)
 
 
@@ -431,10 +119,11 @@ def moments(
       >>> jaxbn.moments(jnp.array([[1.0], [3.0]])).var
       Array([1.], dtype=float32)
     """
-    x = _check_x(x)
-    lay = _layout(x, axis)
-    mask = _check_mask(mask, x)
-    return _global_moments(x, mask, lay, _axis_names(axis_name), _groups(axis_index_groups))
+    x = checks.check_x(x)
+    lay = checks.layout(x, axis)
+    mask = checks.check_mask(mask, x)
+    names, groups = checks.axis_names(axis_name), checks.groups(axis_index_groups)
+    return _global_moments(x, mask, lay, names, groups, select(x, lay))
 
 
 def normalize(
@@ -452,27 +141,21 @@ def normalize(
     Computed in float32 (float64 for float64 x) and returned in x's dtype. `mean`,
     `var`, `scale` and `bias` have the feature shape.
     """
-    x = _check_x(x)
-    lay = _layout(x, axis)
-    _check_hyper(None, epsilon)
-    mean = _check_vector("mean", mean, lay, x.shape)
-    var = _check_vector("var", var, lay, x.shape)
-    scale = _check_vector("scale", scale, lay, x.shape)
-    bias = _check_vector("bias", bias, lay, x.shape)
+    x = checks.check_x(x)
+    lay = checks.layout(x, axis)
+    checks.check_epsilon(epsilon)
+    mean = checks.check_vector("mean", mean, lay, x.shape)
+    var = checks.check_vector("var", var, lay, x.shape)
+    scale = checks.check_vector("scale", scale, lay, x.shape)
+    bias = checks.check_vector("bias", bias, lay, x.shape)
     return _normalize(x, mean, var, scale, bias, lay, epsilon)
 
 
-def _affine(mean, var, scale, bias, epsilon, dtype):
-    """Per-feature (mean, multiplier a = scale/sqrt(var+eps), bias), in `dtype`."""
-    inv = jax.lax.rsqrt(var.astype(dtype) + epsilon)
-    a = inv if scale is None else inv * scale.astype(dtype)
-    b = jnp.zeros((), dtype) if bias is None else bias.astype(dtype)
-    return mean.astype(dtype), a, b
 
 
 def _normalize(x, mean, var, scale, bias, lay, epsilon, out_dtype=None):
-    dt = _stat_dtype(x.dtype)
-    mean, a, b = _affine(mean, var, scale, bias, epsilon, dt)
+    dt = stat_dtype(x.dtype)
+    mean, a, b = affine(mean, var, scale, bias, epsilon, dt)
     # (x - mean) * a + b, not x * a + (b - mean * a): the subtraction is exact when
     # x is near mean, which keeps float32 precision at large means.
     y = (x.astype(dt) - lay.b(mean)) * lay.b(a) + (b if jnp.ndim(b) == 0 else lay.b(b))
@@ -484,12 +167,12 @@ def _normalize(x, mean, var, scale, bias, lay, epsilon, out_dtype=None):
 
 
 class _Config(NamedTuple):
-    lay: _Layout
+    lay: checks.Layout
     names: Optional[tuple]
     groups: Optional[tuple]
     epsilon: float
     dtype: Any  # output dtype
-    kernel: bool  # one-sweep CPU reductions (jaxbn/cpu_kernel.py), decided once for fwd and bwd
+    reductions: Reductions  # chosen once (jaxbn.backends.select), for forward and backward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -498,7 +181,7 @@ def _train_normalize(cfg: _Config, x, scale, bias, mask):
 
 
 def _train_fwd(cfg: _Config, x, scale, bias, mask):
-    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.kernel)
+    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
     y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
     out = (y, jax.lax.stop_gradient(stats))
     return out, (x, scale, bias, mask, stats.mean, stats.var, stats.count)
@@ -513,61 +196,26 @@ def _train_bwd(cfg: _Config, res, cts):
         dx = a·dy - M·(a·S1/N + (x - μ)·a·S2/(σ²N)),  dγ = S2/σ,  dβ = S1
 
     One all-reduce of [S1, S2]. Parameter cotangents follow JAX's autodiff
-    convention for the context: global sums when shard_map checks varying types
-    and the parameter is replicated (what the implicit pvary's transpose would
-    give), the device's own sums otherwise (pmap, vmap, check_vma=False), where the
-    caller reduces parameter gradients itself. The statistics outputs carry no
-    gradient (they feed the running averages).
+    convention for the context (`jaxbn.backends.context.param_cotangent`). The
+    statistics outputs carry no gradient (they feed the running averages).
     """
     x, scale, bias, mask, mean, var, count = res
     dy = cts[0]
     lay = cfg.lay
     dt = mean.dtype
-    x32, dy32 = x.astype(dt), dy.astype(dt)
-    xc = x32 - lay.b(mean)
-    red = lay.reduce_axes
-    if cfg.kernel and dy.dtype == x.dtype and partitioning.active():  # sharded jit (see jaxbn/partitioning.py)
-        s = jnp.stack(partitioning.dy_sums(x, dy, mean, lay.feature_axes))
-    elif cfg.kernel and dy.dtype == x.dtype:  # one sweep over x and dy (see jaxbn/cpu_kernel.py)
-        s = jnp.stack(_vary_like(cpu_kernel.dy_sums(x, dy, mean, lay.feature_axes), x, dy, mean))
-    else:
-        # Each reduction reads x and dy through its own barrier (see _private).
-        (dya,) = _private(dy)
-        xp, dyp, mp = _private(x, dy, mean)
-        s = jnp.stack([jnp.sum(dya.astype(dt), red), jnp.sum(dyp.astype(dt) * (xp.astype(dt) - lay.b(mp)), red)])
+    s = jnp.stack(cfg.reductions.dy_sums(x, dy, mean, lay))
     s_global = s if cfg.names is None else jax.lax.psum(s, cfg.names, axis_index_groups=cfg.groups)
     s1, s2 = s_global[0], s_global[1]
     inv = jax.lax.rsqrt(var + cfg.epsilon)
     a = inv if scale is None else inv * scale.astype(dt)
     r = 1.0 / jnp.maximum(count, 1)
     c1, c2 = a * s1 * r, a * inv * inv * s2 * r
-    corr = lay.b(c1) + xc * lay.b(c2)
+    corr = lay.b(c1) + (x.astype(dt) - lay.b(mean)) * lay.b(c2)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = (dy32 * lay.b(a) - corr).astype(x.dtype)
-
-    # Under shard_map's type checks a parameter's cotangent must vary over exactly
-    # the axes the parameter varies over; autodiff of the same math would sum the
-    # per-device contributions over the others (the transpose of the implicit
-    # pvary). The sums over `names` are already global; any other axis x varies
-    # over but the parameter does not (e.g. axis_name=None inside shard_map) is
-    # summed here. Outside such checks (pmap, vmap, check_vma=False) the varying
-    # sets are empty and the device's own sums are returned.
-    vx = _varying(x)
-    synced = cfg.names is not None and set(cfg.names) <= vx
-
-    def param_ct(p, local, glob):
-        if p is None:
-            return None
-        vp = _varying(p)
-        g, have = (glob, vx - set(cfg.names)) if synced and not set(cfg.names) <= vp else (local, vx)
-        extra = tuple(sorted(have - vp))
-        if extra:
-            g = jax.lax.psum(g, extra)
-        return g.astype(p.dtype)
-
-    dscale = param_ct(scale, s[1] * inv, s2 * inv)
-    dbias = param_ct(bias, s[0], s1)
+    dx = (dy.astype(dt) * lay.b(a) - corr).astype(x.dtype)
+    dscale = param_cotangent(scale, s[1] * inv, s2 * inv, x, cfg.names)
+    dbias = param_cotangent(bias, s[0], s1, x, cfg.names)
     return dx, dscale, dbias, None
 
 
@@ -692,31 +340,34 @@ def batch_norm(
       >>> int(state.count)
       1
     """
-    x = _check_x(x)
-    lay = _layout(x, axis)
-    _check_hyper(momentum, epsilon)
-    scale, bias = _check_params(params, lay, x.shape)
+    x = checks.check_x(x)
+    lay = checks.layout(x, axis)
+    training = checks.check_bool("training", training)
+    update_stats = checks.check_bool("update_stats", update_stats, allow_none=True)
+    checks.check_momentum(momentum)
+    checks.check_epsilon(epsilon)
+    scale, bias = checks.check_params(params, lay, x.shape)
     if not isinstance(state, BatchNormState):
         raise TypeError(f"state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}")
-    _check_vector("state.mean", state.mean, lay, x.shape)
-    _check_vector("state.var", state.var, lay, x.shape)
-    mask = _check_mask(mask, x)
-    names, groups = _axis_names(axis_name), _groups(axis_index_groups)
+    checks.check_vector("state.mean", state.mean, lay, x.shape)
+    checks.check_vector("state.var", state.var, lay, x.shape)
+    mask = checks.check_mask(mask, x)
+    names, groups = checks.axis_names(axis_name), checks.groups(axis_index_groups)
     if update_stats is None:
         update_stats = training
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
 
     batch = None
     if training:
-        eps = _concrete(epsilon)
+        eps = checks.concrete(epsilon)
         if eps is None:
             raise TypeError(f"epsilon must be a concrete number in training mode, got {epsilon!r}")
-        cfg = _Config(lay, names, groups, eps, out_dtype, cpu_kernel.usable(x, lay.feature_axes))
+        cfg = _Config(lay, names, groups, eps, out_dtype, select(x, lay))
         y, batch = _train_normalize(cfg, x, scale, bias, mask)
     else:
         y = _normalize(x, state.mean, state.var, scale, bias, lay, epsilon, out_dtype)
         if update_stats:
-            batch = jax.lax.stop_gradient(_global_moments(x, mask, lay, names, groups))
+            batch = jax.lax.stop_gradient(_global_moments(x, mask, lay, names, groups, select(x, lay)))
     if update_stats:
         state = running_moments(
             state, batch, momentum=momentum, unbiased_running_var=unbiased_running_var

@@ -21,19 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn._adapter import apply_batch_norm
-from jaxbn.batch_norm import BatchNormState, _check_x, _layout
+from jaxbn._checks import check_x, is_bound, layout
+from jaxbn._types import BatchNormState
 
 __all__ = ["BatchNorm"]
-
-
-def _is_bound(axis_name) -> bool:
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-    try:
-        for n in names:
-            jax.lax.axis_size(n)
-    except NameError:
-        return False
-    return True
 
 
 class BatchNorm(nn.Module):
@@ -97,8 +88,8 @@ class BatchNorm(nn.Module):
           promoted, as Flax).
         """
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        x = _check_x(x)
-        fshape = _layout(x, self.axis).feature_shape
+        x = check_x(x)
+        fshape = layout(x, self.axis).feature_shape
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
         count = None
@@ -111,7 +102,7 @@ class BatchNorm(nn.Module):
             params["bias"] = self.param("bias", self.bias_init, fshape, self.param_dtype)
         initializing = self.is_initializing()
         axis_name = self.axis_name
-        if initializing and axis_name is not None and not _is_bound(axis_name):
+        if initializing and axis_name is not None and not is_bound(axis_name):
             axis_name = None
         state = BatchNormState(
             mean=ra_mean.value,

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn._adapter import apply_batch_norm
-from jaxbn.batch_norm import BatchNormState, _as_shape
+from jaxbn._checks import as_shape
+from jaxbn._types import BatchNormState
 
 __all__ = ["BatchNorm"]
 
@@ -64,7 +65,7 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = False,
         trainable_params: bool = True,
     ):
-        shape = _as_shape(num_features, "num_features")
+        shape = as_shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if momentum is None else nnx.data(None)

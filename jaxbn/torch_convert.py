@@ -44,7 +44,7 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.batch_norm import BatchNormState
+from jaxbn._types import BatchNormState
 
 __all__ = [
     "from_torch_state_dict",

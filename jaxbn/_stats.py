@@ -1,0 +1,133 @@
+"""The statistics algebra, each rule written once: counts, Chan's merge, the BN affine
+map, and the tangents of the per-device sums that every backend computes.
+
+A device's statistics of the entries it holds are a triple ``(n, mean, M2)`` with
+``M2 = Σ (x - mean)²``: exact to combine across devices (`merge_rows`), never a
+difference of large sums.
+
+References:
+  Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm for computing
+  sample variances", 1979.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn._checks import Layout, axis_size, check_groups
+
+
+def stat_dtype(dtype) -> Any:
+    """The dtype of statistics for inputs of `dtype`: float32, or float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def count(x_shape, mask: Optional[jax.Array], lay: Layout, dtype) -> jax.Array:
+    """Number of entries per feature that the mask keeps (all when None), feature-shaped.
+
+    Counted from the mask's own entries, times the sizes of the axes along which it
+    is broadcast: summing the mask widened to x's shape would read as many entries
+    as x has, for nothing (``benchmarks/layer_variants.py`` times the difference).
+    """
+    red = lay.reduce_axes
+    if mask is None:
+        return jnp.full(lay.feature_shape, math.prod(x_shape[a] for a in red), dtype)
+    k = mask_shape(mask, len(x_shape))
+    n = jnp.sum(jnp.reshape(mask, k), tuple(a for a in red if k[a] != 1), dtype=dtype, keepdims=True)
+    n = n * math.prod(x_shape[a] for a in red if k[a] == 1)
+    return jnp.broadcast_to(jnp.squeeze(n, red), lay.feature_shape)
+
+
+def mask_shape(mask: jax.Array, ndim: int) -> tuple:
+    """The mask's shape with leading ones up to x's rank."""
+    return (1,) * (ndim - mask.ndim) + mask.shape
+
+
+def merge_rows(ns, means, m2s):
+    """Chan's merge of triples stacked along axis 0 (NumPy or JAX arrays alike):
+
+        N = Σ n_i,   mean = Σ n_i mean_i / N,   M2 = Σ M2_i + Σ n_i (mean_i - mean)²
+
+    Rows with n_i = 0 add nothing; with N = 0 the result is (0, 0, 0).
+    """
+    n = ns.sum(0)
+    mean = (ns * means).sum(0) / (n + (n == 0))
+    delta = means - mean[None]
+    return n, mean, m2s.sum(0) + (ns * delta * delta).sum(0)
+
+
+def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]):
+    """Merges per-device (n, mean, M2) over the named axes in one all-reduce.
+
+    Each device writes its triple into its own row of a ``(devices, 3, *F)`` buffer
+    of zeros and the buffer is summed across devices (an all-gather expressed as a
+    psum, so the result is replicated: ``shard_map(..., out_specs=P())`` accepts it),
+    then `merge_rows` combines the rows. Rows of empty shards and of devices outside
+    the group have n_i = 0 and add nothing. A single psum of ``[Σx, Σx²]`` would be
+    cheaper but cancels catastrophically; a psum of shifted sums needs the shift
+    first (a second collective). This is exact and costs one collective of
+    ``3·devices·C`` floats.
+    """
+    if names is None:
+        return n, mean, m2
+    size = axis_size(names)
+    check_groups(groups, size)
+    idx = jax.lax.axis_index(names)
+    rows = jnp.stack([n, mean, m2])
+    onehot = (jnp.arange(size) == idx).reshape((size,) + (1,) * rows.ndim)
+    buf = jnp.where(onehot, rows[None], jnp.zeros((), rows.dtype))
+    buf = jax.lax.psum(buf, names, axis_index_groups=groups)
+    return merge_rows(buf[:, 0], buf[:, 1], buf[:, 2])
+
+
+def affine(mean, var, scale, bias, epsilon, dtype):
+    """BN as ``(x - mean)·a + b``: returns (mean, a = scale/sqrt(var + ε), b) in `dtype`.
+
+    b is a zero scalar when there is no bias.
+    """
+    inv = jax.lax.rsqrt(var.astype(dtype) + epsilon)
+    a = inv if scale is None else inv * scale.astype(dtype)
+    b = jnp.zeros((), dtype) if bias is None else bias.astype(dtype)
+    return mean.astype(dtype), a, b
+
+
+# Tangents of the per-device sums. They are linear in the tangents, so reverse mode
+# transposes them: every backend's statistics stay differentiable (jaxbn.moments,
+# and the training layer's backward for grad of grad).
+
+
+def moments_tangents(x, mean, t, red, keep=None, n=None):
+    """Tangents of (mean, M2) over axes `red` (`mean` broadcastable against x):
+
+        d mean = Σ_K t / n,   d M2 = 2·Σ_K (x - mean)·t      (as Σ_K (x - mean) = 0)
+
+    over the entries K that `keep` (broadcastable against x) keeps, all if None;
+    `n` is their count (feature-shaped or a number; by default the size of `red`).
+    """
+    dt = mean.dtype
+    t = t.astype(dt)
+    xc = x.astype(dt) - mean
+    if keep is not None:
+        t, xc = jnp.where(keep, t, 0), jnp.where(keep, xc, 0)
+    if n is None:
+        n = max(math.prod(x.shape[a] for a in red), 1)
+    else:
+        n = jnp.maximum(n, 1)
+    return jnp.sum(t, red) / n, 2 * jnp.sum(xc * t, red)
+
+
+def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):
+    """Tangents of (S1, S2) = (Σdy, Σdy·(x - μ)) over axes `red` (`mean` broadcastable
+    against x; `tm`, its tangent, and `s1` feature-shaped):
+
+        dS1 = Σd(dy),   dS2 = Σd(dy)·(x - μ) + Σdy·dx - dμ·S1
+    """
+    f32 = jnp.float32
+    tdy = tdy.astype(f32)
+    ds1 = jnp.sum(tdy, red)
+    ds2 = jnp.sum(tdy * (x.astype(f32) - mean), red) + jnp.sum(dy.astype(f32) * tx.astype(f32), red) - tm * s1
+    return ds1, ds2
