@@ -195,10 +195,10 @@ def axis_names(axis_name: AxisName) -> Optional[tuple]:
     """`axis_name` as a tuple of names, or None for no cross-device reduction."""
     if axis_name is None:
         return None
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-    if any(not isinstance(n, str) for n in names):
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not isinstance(names, (tuple, list)) or any(not isinstance(n, str) for n in names):
         raise TypeError(f"axis_name must be a str, a tuple of str or None, got {_kind(axis_name)}")
-    return names or None
+    return tuple(names) or None
 
 
 def groups(axis_index_groups) -> Optional[tuple]:
