@@ -22,7 +22,7 @@ import sys
 # glibc's allocator returns every large freed block to the OS, so each XLA:CPU step
 # page-faults its fresh outputs back in. Keeping freed memory in the heap made the
 # CNN train step 2.0x and a 300-step train.py run 59 s -> 36 s faster on the 2-core
-# CPU (benchmarks/cpu_settings.py, benchmarks/README.md); the cost is that the
+# CPU (benchmarks/studies/cpu_settings.py, benchmarks/README.md); the cost is that the
 # process keeps its peak memory. Applied by re-executing once, before JAX loads;
 # set GLIBC_TUNABLES yourself (even to "") to opt out.
 MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
@@ -78,18 +78,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
     # Before any other JAX call.
-    from jaxbn import data, train_lib
+    from jaxbn.training import checkpoints, config as config_lib, data, distributed, loop
 
-    train_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                     timeout_s=FLAGS.distributed_timeout, auto_detect=FLAGS.distributed)
+    distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                       timeout_s=FLAGS.distributed_timeout, auto_detect=FLAGS.distributed)
     config = FLAGS.config
     workdir = FLAGS.workdir
     if workdir is None:
         name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
         workdir = os.path.join("runs", f"{name}_{config.norm}")
     try:
-        _, summary = train_lib.train_and_evaluate(config, workdir)
-    except (train_lib.ConfigError, train_lib.CheckpointError, data.DataError) as e:
+        _, summary = loop.train_and_evaluate(config, workdir)
+    except (config_lib.ConfigError, checkpoints.CheckpointError, data.DataError) as e:
         sys.exit(f"train.py: error: {e}")
     if summary["stopped"]:
         print(f"Stopped at step {summary['step']} (config.stop_after_steps); run again to resume.")

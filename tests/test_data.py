@@ -1,4 +1,5 @@
-"""Tests for jaxbn.data: IDX reading, dataset loading and deterministic batching."""
+"""Tests for jaxbn.training.data (re-exported as jaxbn.data): IDX reading, dataset loading and
+deterministic batching."""
 
 import builtins
 import gzip
@@ -8,31 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from jaxbn import data
-from jaxbn.data import DataError
-
-_NAMES = {
-    ("train", "image"): "train-images-idx3-ubyte",
-    ("train", "label"): "train-labels-idx1-ubyte",
-    ("test", "image"): "t10k-images-idx3-ubyte",
-    ("test", "label"): "t10k-labels-idx1-ubyte",
-}
-
-
-def _idx_bytes(arr):
-    codes = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
-             np.float32: 0x0D, np.float64: 0x0E}
-    code = codes[arr.dtype.type]
-    header = bytes([0, 0, code, arr.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in arr.shape)
-    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-
-
-def _write(path, payload, compress):
-    if compress:
-        payload = gzip.compress(payload)
-    path.write_bytes(payload)
-    return path
+from helpers import idx_bytes, write_file, write_idx_dir
+from jaxbn.training import data
+from jaxbn.training.data import DataError
 
 
 def _make_split(rng, n, hw=(28, 28)):
@@ -45,13 +24,15 @@ def _make_split(rng, n, hw=(28, 28)):
 def _write_dir(directory, *, compress=True, n_train=12, n_test=5, dotted=False, seed=0):
     rng = np.random.default_rng(seed)
     splits = {"train": _make_split(rng, n_train), "test": _make_split(rng, n_test)}
-    directory.mkdir(parents=True, exist_ok=True)
-    for (split, key), name in _NAMES.items():
-        if dotted:
-            name = name.replace("-idx", ".idx")
-        _write(directory / (name + (".gz" if compress else "")),
-               _idx_bytes(splits[split][key]), compress)
+    write_idx_dir(directory, splits, compress=compress, dotted=dotted)
     return splits
+
+
+def test_jaxbn_data_reexports_the_public_names():
+    import jaxbn.data
+
+    assert jaxbn.data.__all__ == data.__all__
+    assert all(getattr(jaxbn.data, name) is getattr(data, name) for name in data.__all__)
 
 
 # ---------------------------------------------------------------------------
@@ -67,7 +48,7 @@ def _write_dir(directory, *, compress=True, n_train=12, n_test=5, dotted=False, 
 def test_read_idx_round_trip(tmp_path, compress, dtype, shape):
     rng = np.random.default_rng(1)
     arr = (rng.standard_normal(shape) * 100).astype(dtype)
-    path = _write(tmp_path / ("x.gz" if compress else "x"), _idx_bytes(arr), compress)
+    path = write_file(tmp_path / ("x.gz" if compress else "x"), idx_bytes(arr), compress)
     out = data.read_idx(path)
     assert out.dtype == np.dtype(dtype) and out.dtype.isnative
     assert out.shape == shape
@@ -77,16 +58,16 @@ def test_read_idx_round_trip(tmp_path, compress, dtype, shape):
 
 def test_read_idx_detects_compression_from_content(tmp_path):
     arr = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    raw_named_gz = _write(tmp_path / "raw.gz", _idx_bytes(arr), compress=False)
-    gz_named_raw = _write(tmp_path / "gz", _idx_bytes(arr), compress=True)
+    raw_named_gz = write_file(tmp_path / "raw.gz", idx_bytes(arr), compress=False)
+    gz_named_raw = write_file(tmp_path / "gz", idx_bytes(arr), compress=True)
     np.testing.assert_array_equal(data.read_idx(raw_named_gz), arr)
     np.testing.assert_array_equal(data.read_idx(gz_named_raw), arr)
 
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_read_idx_truncated_payload(tmp_path, compress):
-    payload = _idx_bytes(np.zeros((4, 5, 5), np.uint8))
-    path = _write(tmp_path / "imgs", payload[:-3], compress)
+    payload = idx_bytes(np.zeros((4, 5, 5), np.uint8))
+    path = write_file(tmp_path / "imgs", payload[:-3], compress)
     with pytest.raises(DataError) as e:
         data.read_idx(path)
     msg = str(e.value)
@@ -95,14 +76,14 @@ def test_read_idx_truncated_payload(tmp_path, compress):
 
 
 def test_read_idx_trailing_bytes(tmp_path):
-    payload = _idx_bytes(np.zeros((3,), np.uint8)) + b"\x00"
-    path = _write(tmp_path / "labels", payload, compress=False)
+    payload = idx_bytes(np.zeros((3,), np.uint8)) + b"\x00"
+    path = write_file(tmp_path / "labels", payload, compress=False)
     with pytest.raises(DataError, match="trailing data.*expected 11 bytes.*found 12"):
         data.read_idx(path)
 
 
 def test_read_idx_truncated_gzip_stream(tmp_path):
-    compressed = gzip.compress(_idx_bytes(np.arange(200, dtype=np.uint8)))
+    compressed = gzip.compress(idx_bytes(np.arange(200, dtype=np.uint8)))
     path = tmp_path / "cut.gz"
     path.write_bytes(compressed[: len(compressed) // 2])
     with pytest.raises(DataError, match="gzip") as e:
@@ -119,7 +100,7 @@ def test_read_idx_truncated_gzip_stream(tmp_path):
     (b"", "found 0 bytes"),
 ])
 def test_read_idx_corrupt_header(tmp_path, payload, match):
-    path = _write(tmp_path / "bad-idx", payload, compress=False)
+    path = write_file(tmp_path / "bad-idx", payload, compress=False)
     with pytest.raises(DataError, match=match) as e:
         data.read_idx(path)
     assert str(path) in str(e.value)
@@ -196,11 +177,11 @@ def test_missing_file_message(tmp_path):
 def test_count_mismatch_and_label_range(tmp_path):
     d = tmp_path / "d"
     _write_dir(d)
-    _write(d / "t10k-labels-idx1-ubyte.gz", _idx_bytes(np.zeros((4,), np.uint8)), True)
+    write_file(d / "t10k-labels-idx1-ubyte.gz", idx_bytes(np.zeros((4,), np.uint8)), True)
     with pytest.raises(DataError, match="found 5 images .* and 4 labels"):
         data.load_idx_dataset(d)
-    _write(d / "t10k-labels-idx1-ubyte.gz",
-           _idx_bytes(np.array([0, 1, 2, 10, 3], np.uint8)), True)
+    write_file(d / "t10k-labels-idx1-ubyte.gz",
+               idx_bytes(np.array([0, 1, 2, 10, 3], np.uint8)), True)
     with pytest.raises(DataError, match=r"expected labels in \[0, 9\].*\[0, 10\]"):
         data.load_idx_dataset(d)
 

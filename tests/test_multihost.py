@@ -23,23 +23,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs import smoke  # noqa: E402
-from jaxbn import data, train_lib  # noqa: E402
+from helpers import write_small_idx  # noqa: E402
+from jaxbn import train_lib  # noqa: E402
 
 TIMEOUT_S = 80
 LOG_LINE = re.compile(r"\[process (\d)/(\d)\] step (\d+): train_loss=(\S+) train_accuracy=(\S+)")
-
-
-def write_small_idx(directory, num_train=512, num_test=300):
-    """The first examples of Fashion-MNIST as raw IDX files."""
-    ds = data.load_dataset("fashion_mnist")
-    os.makedirs(directory, exist_ok=True)
-    for split, prefix, n in ((ds.train, "train", num_train), (ds.test, "t10k", num_test)):
-        images, labels = split["image"][:n, ..., 0], split["label"][:n].astype(np.uint8)
-        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
-            header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-            with open(os.path.join(directory, f"{prefix}-{kind}-ubyte"), "wb") as f:
-                f.write(header + arr.tobytes())
-    return str(directory)
 
 
 def free_port():

@@ -1,4 +1,5 @@
-"""Tests of the training loop (jaxbn/train_lib.py, train.py) on 8 virtual CPU devices.
+"""Tests of the training loop (jaxbn/training, its re-export jaxbn/train_lib.py, train.py) on 8
+virtual CPU devices.
 
 Every run uses configs/smoke.py (an MLP, 512 training images, 16 steps) on a
 small IDX copy of Fashion-MNIST; runs with the same model and optimizer share
@@ -20,27 +21,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs import smoke  # noqa: E402
+from helpers import write_small_idx  # noqa: E402
 from jaxbn import data, train_lib  # noqa: E402
+from jaxbn.training import parallel  # noqa: E402
 
 NUM_TRAIN, NUM_TEST = 512, 300
 
 
-def write_small_idx(directory, num_train=NUM_TRAIN, num_test=NUM_TEST):
-    """The first examples of Fashion-MNIST as raw IDX files (loads in milliseconds)."""
-    ds = data.load_dataset("fashion_mnist")
-    os.makedirs(directory, exist_ok=True)
-    for split, prefix, n in ((ds.train, "train", num_train), (ds.test, "t10k", num_test)):
-        images, labels = split["image"][:n, ..., 0], split["label"][:n].astype(np.uint8)
-        for kind, arr, code in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
-            header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-            with open(os.path.join(directory, f"{prefix}-{kind}-ubyte"), "wb") as f:
-                f.write(header + arr.tobytes())
-    return str(directory)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return write_small_idx(tmp_path_factory.mktemp("fmnist_small"))
+    return write_small_idx(tmp_path_factory.mktemp("fmnist_small"), NUM_TRAIN, NUM_TEST)
 
 
 def make_config(data_dir, **overrides):
@@ -242,3 +232,19 @@ def test_cli_unknown_override_and_missing_data(tmp_path):
                        text=True, timeout=60)
     assert p.returncode == 1 and "train.py: error:" in p.stderr and "nowhere does not exist" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_train_lib_reexports_the_training_modules():
+    from jaxbn.training import checkpoints, config, loop, steps
+
+    assert train_lib.train_and_evaluate is loop.train_and_evaluate
+    assert train_lib.ConfigError is config.ConfigError
+    assert train_lib.CheckpointError is checkpoints.CheckpointError
+    assert train_lib.Steps is steps.Steps and train_lib.PARALLEL_MODES == ("shard_map", "pmap", "jit")
+    assert all(hasattr(train_lib, name) for name in train_lib.__all__)
+
+
+def test_parallel_modes_are_objects():
+    assert tuple(parallel.MODES) == parallel.PARALLEL_MODES == ("shard_map", "pmap", "jit")
+    assert [parallel.get_mode(n).bn_axis_name for n in parallel.MODES] == ["batch", "batch", None]
+    assert parallel.get_mode(parallel.PMAP) is parallel.PMAP

@@ -1,0 +1,16 @@
+"""Data-parallel training of `jaxbn.models` with synchronized BatchNorm, one file per job.
+
+    config.py       ConfigError, check_config, the allowed choices, RUN_CONTROL_FIELDS, config.json
+    data.py         the data pipeline: IDX files, TFDS, datasets, deterministic batching (NumPy only)
+    parallel.py     the parallel modes 'shard_map', 'pmap', 'jit' as objects (MODES), the mesh
+    state.py        create_model, the learning-rate schedule, the optimizer, TrainState
+    steps.py        train_step, eval_step, Steps, make_steps, evaluate
+    checkpoints.py  the orbax manager, save/restore, CheckpointError, the resume check
+    metrics.py      metrics.jsonl, its plot, the progress bar
+    distributed.py  initialize_distributed (several processes)
+    loop.py         train_and_evaluate(config, workdir)
+
+Import the module you need (``from jaxbn.training import loop``); this package
+imports none of them, so that ``jaxbn.training.data`` needs only NumPy.
+`jaxbn.train_lib` and `jaxbn.data` re-export the public names in one place.
+"""
