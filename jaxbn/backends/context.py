@@ -38,7 +38,19 @@ def kind() -> str:
 
 
 def platform() -> str:
-    """The platform the computation is traced for (JAX's default backend)."""
+    """The platform the computation being traced will run on, as far as tracing can tell:
+    the devices of the mesh in context (``jax.set_mesh``), else the default device
+    (``jax.default_device``), else JAX's default backend."""
+    try:
+        mesh = jax.sharding.get_mesh()
+        devices = getattr(mesh, "devices", None)
+        if devices is not None and getattr(devices, "size", 0):
+            return devices.flat[0].platform
+    except (AttributeError, ValueError, RuntimeError):
+        pass
+    device = jax.config.jax_default_device
+    if device is not None:
+        return device if isinstance(device, str) else device.platform
     return jax.default_backend()
 
 
