@@ -47,15 +47,16 @@ def mask_shape(mask: jax.Array, ndim: int) -> tuple:
     return (1,) * (ndim - mask.ndim) + mask.shape
 
 
-def merge_rows(ns, means, m2s):
-    """Chan's merge of triples stacked along axis 0 (NumPy or JAX arrays alike):
+def merge_rows(ns, means, m2s, xp=jnp):
+    """Chan's merge of triples stacked along axis 0 (`xp`: jax.numpy, or numpy for
+    float64 accumulation on the host):
 
         N = Σ n_i,   mean = Σ n_i mean_i / N,   M2 = Σ M2_i + Σ n_i (mean_i - mean)²
 
     Rows with n_i = 0 add nothing; with N = 0 the result is (0, 0, 0).
     """
     n = ns.sum(0)
-    mean = (ns * means).sum(0) / (n + (n == 0))
+    mean = (ns * means).sum(0) / xp.maximum(n, 1)
     delta = means - mean[None]
     return n, mean, m2s.sum(0) + (ns * delta * delta).sum(0)
 

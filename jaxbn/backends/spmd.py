@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbn._checks import Layout, layout
-from jaxbn._stats import dy_sums_tangents, mask_shape, merge_over_axes, moments_tangents
+from jaxbn._stats import count, dy_sums_tangents, mask_shape, merge_over_axes, moments_tangents
 from jaxbn.backends.base import Reductions
 
 __all__ = ["Spmd"]
@@ -125,27 +125,32 @@ def _bshape(x, feature_axes, v):
 
 @functools.lru_cache(maxsize=None)
 def _moments_op(local: Reductions, ndim: int, feature_axes: tuple, mask_axes):
-    """(x[, mask]) -> (n, mean, M2) over the non-feature axes of the whole (sharded) x.
-    `mask_axes`: None (no mask) or, per axis of the x-rank mask, whether it is x's
-    (sharded like x's) or of size 1 (broadcast)."""
+    """(x[, mask]) -> (mean, M2), and n first with a mask, over the non-feature axes of
+    the whole (sharded) x. `mask_axes`: None (no mask: the count is a constant, left to
+    the caller) or, per axis of the x-rank mask, whether it is x's (sharded like x's) or
+    of size 1 (broadcast)."""
     red = tuple(a for a in range(ndim) if a not in feature_axes)
     lay = lambda x: layout(x, feature_axes)  # noqa: E731
+    skip = 1 if mask_axes is None else 0  # results start after the count without a mask
 
     if mask_axes is None:
         def per_device(x):
-            return local.moments(x, None, lay(x))
+            return local.moments(x, None, lay(x))[skip:]
+
+        def lower(names):
+            return lambda x: merge_over_axes(*local.moments(x, None, lay(x)), names, None)[skip:]
 
         operands = ("x",)
     else:
         def per_device(x, mask):
             return local.moments(x, mask, lay(x))
 
+        def lower(names):
+            return lambda x, mask: merge_over_axes(*per_device(x, mask), names, None)
+
         operands = ("x", mask_axes)
 
-    def lower(names):
-        return lambda *a: merge_over_axes(*per_device(*a), names, None)
-
-    op = _declare(per_device, lower, ndim, feature_axes, operands, 3)
+    op = _declare(per_device, lower, ndim, feature_axes, operands, 3 - skip)
 
     @jax.custom_jvp
     def f(*args):
@@ -154,12 +159,14 @@ def _moments_op(local: Reductions, ndim: int, feature_axes: tuple, mask_axes):
     @f.defjvp
     def _jvp(primals, tangents):
         # The count has no tangent; the mean and M2 as every backend's (jaxbn._stats).
-        n, mean, m2 = f(*primals)
+        out = f(*primals)
         x, t = primals[0], tangents[0]
-        keep = primals[1] if mask_axes is not None else None
-        dm, dm2 = moments_tangents(x, _bshape(x, feature_axes, mean), t, red, keep=keep,
-                                   n=n if keep is not None else None)
-        return (n, mean, m2), (jnp.zeros_like(n), dm, dm2)
+        if mask_axes is None:
+            dm, dm2 = moments_tangents(x, _bshape(x, feature_axes, out[0]), t, red)
+            return out, (dm, dm2)
+        n, mean, _ = out
+        dm, dm2 = moments_tangents(x, _bshape(x, feature_axes, mean), t, red, keep=primals[1], n=n)
+        return out, (jnp.zeros_like(n), dm, dm2)
 
     return f
 
@@ -213,7 +220,8 @@ class Spmd(Reductions):
         if not x.size:
             return self.local.moments(x, mask, lay)
         if mask is None:
-            return _moments_op(self.local, x.ndim, lay.feature_axes, None)(x)
+            m, m2 = _moments_op(self.local, x.ndim, lay.feature_axes, None)(x)
+            return count(x.shape, None, lay, m.dtype), m, m2
         mask = jnp.reshape(mask, mask_shape(mask, x.ndim))
         mask_axes = tuple(mask.shape[a] == x.shape[a] for a in range(x.ndim))  # else of size 1
         return _moments_op(self.local, x.ndim, lay.feature_axes, mask_axes)(x, mask)
