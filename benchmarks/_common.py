@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-# The allocator setting recommended by cpu_settings.py (see README.md): glibc
+# The allocator setting recommended by studies/cpu_settings.py (see README.md): glibc
 # serves every allocation from one heap (one arena, no mmap) and never trims it, so
 # XLA's fresh outputs and per-step temp buffers are recycled instead of being
 # mmapped, page-faulted and zeroed by the kernel again on every call. (Raising
@@ -206,9 +206,30 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, rounds: int = 7) -> dict:
     }
 
 
-def save_json(name: str, payload: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
+def command() -> str:
+    """This run's command line as the results files quote it: ``python benchmarks/... args``."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    return " ".join(["python", script, *sys.argv[1:]])
+
+
+def _results_path(name: str) -> str:
+    """results/<name> (a name such as "studies/x.json" lands in a subfolder), its folder made."""
     path = os.path.join(RESULTS, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def save_text(name: str, text: str) -> str:
+    """Writes `text` (a markdown table, say) to results/<name>; returns the path."""
+    path = _results_path(name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def save_json(name: str, payload: dict) -> str:
+    """Writes `payload` to results/<name> with the load average at the end; returns the path."""
+    path = _results_path(name)
     payload = dict(payload)
     payload.setdefault("environment", {})
     payload["environment"]["loadavg_end"] = loadavg()

@@ -32,7 +32,7 @@ Roofline (fewest bytes the computation must move, b = bytes per element of x):
 All timings are medians over rounds; "x flax" columns are medians of per-round
 ratios t(flax.linen) / t(peer) (> 1: faster than Flax). The process re-executes
 itself with the allocator setting recommended in README.md (GLIBC_TUNABLES, see
-cpu_settings.py); ``--default-allocator`` keeps glibc's defaults.
+studies/cpu_settings.py); ``--default-allocator`` keeps glibc's defaults.
 
 Results: results/bn_layer.json, results/bn_layer.md (tables), results/bn_layer.png.
 """
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -100,6 +99,7 @@ def main(argv=None):
     import numpy as np
 
     import peers
+    from jaxbn import _hlo
 
     names = list(args.shapes or (QUICK if args.quick else SHAPES))
     rounds = args.rounds or (5 if args.quick else 11)
@@ -167,8 +167,10 @@ def main(argv=None):
             ma = comp.memory_analysis()
             mem[p] = {"temp_bytes": int(ma.temp_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
                       "alias_bytes": int(ma.alias_size_in_bytes)}
-            nkern[p] = count_kernels(comp.as_text())
-            traffic[p] = hlo_traffic(comp.as_text(), int(np.prod(shape)))
+            hlo, numel = comp.as_text(), int(np.prod(shape))
+            nkern[p] = len(_hlo.kernels(hlo))
+            # bytes of x-sized arrays its kernels read and write, per element (y = -x in float32: 8.0)
+            traffic[p] = _hlo.traffic_bytes(hlo, numel // 2) / numel
             out = [np.asarray(o, np.float32) for o in f(x, fresh_copy(dy) if donate else dy, scale, bias)[:4]]
             if ref_out is None:
                 ref_out = out
@@ -268,8 +270,7 @@ def main(argv=None):
     summarize(results)
     path = _common.save_json(f"{args.tag}.json", results)
     md = tables(results)
-    with open(os.path.join(_common.RESULTS, f"{args.tag}.md"), "w") as f:
-        f.write(f"Command: `python benchmarks/bn_layer.py {' '.join(sys.argv[1:])}`\n\n{md}\n")
+    _common.save_text(f"{args.tag}.md", f"Command: `{_common.command()}`\n\n{md}\n")
     try:
         plot(results, os.path.join(_common.RESULTS, f"{args.tag}.png"))
     except Exception as e:  # matplotlib missing or headless trouble: the numbers matter more
@@ -305,64 +306,6 @@ def evict(a):
         _evict_buf = (jnp.ones((32 * 2**20,), jnp.float32), jax.jit(jnp.sum))
     jax.block_until_ready(_evict_buf[1](_evict_buf[0]))
     return a
-
-
-def count_kernels(hlo_text: str) -> int:
-    """Fusions, custom calls and other non-trivial ops in the entry computation."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    n = 0
-    for line in entry.splitlines()[1:]:
-        if "=" not in line:
-            continue
-        rhs = line.split("=", 1)[1].strip()
-        if rhs.startswith("("):  # a tuple shape: skip to its closing parenthesis
-            depth = 0
-            for i, ch in enumerate(rhs):
-                depth += (ch == "(") - (ch == ")")
-                if depth == 0:
-                    rhs = rhs[i + 1:]
-                    break
-        else:
-            rhs = rhs.split(None, 1)[1] if " " in rhs else ""
-        op = rhs.strip().split("(", 1)[0].strip()
-        if op not in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
-            n += 1
-    return n
-
-
-_DT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "pred": 1, "u32": 4, "s8": 1, "u8": 1}
-
-
-def hlo_traffic(hlo_text: str, numel: int) -> float:
-    """Bytes of x-sized arrays the compiled program's kernels read and write, over numel.
-
-    Every kernel of the entry computation (fusions, library calls, copies) is taken
-    to read each x-sized operand once and write each x-sized output once; smaller
-    arrays (per-channel vectors) are ignored. Divided by the element count: a
-    float32 layer that reads x and writes y once scores 8.0. This is the program's
-    memory traffic by construction, independent of the machine's load.
-    """
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    shapes = {}
-    pat = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+([\w-]+)\((.*)$")
-    total = 0
-    for line in entry.splitlines():
-        m = pat.match(line)
-        if not m:
-            continue
-        name, shp, op, rest = m.groups()
-        arrs = re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shp)
-        sizes = [(_DT_BYTES.get(dt, 4), int(np.prod([int(d) for d in dims.split(",") if d] or [1])))
-                 for dt, dims in arrs]
-        shapes[name] = sizes
-        if op in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
-            continue
-        big = lambda sz: [b * n for b, n in sz if n >= numel // 2]
-        total += sum(big(sizes))
-        operands = rest.split(")", 1)[0] if op != "fusion" else rest.split("), kind=", 1)[0]
-        for o in re.findall(r"%[\w.\-]+", operands):
-            total += sum(big(shapes.get(o, [])))
-    return total / numel
 
 
 def run_torch(shapes, bf16_shapes, rounds):

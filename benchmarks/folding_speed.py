@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +40,7 @@ def main():
     f_fold = jax.jit(lambda v, x: fmodel.apply(v, x, train=False))
     y0, y1 = f_bn(v, x), f_fold(fv, x)
     err = float(jnp.abs(y0 - y1).max() / jnp.abs(y0).max())
-    times = {"bn": [], "folded": []}
-    for _ in range(args.reps):  # interleaved
-        for name, f, vv in (("bn", f_bn, v), ("folded", f_fold, fv)):
-            t = time.perf_counter()
-            f(vv, x).block_until_ready()
-            times[name].append(time.perf_counter() - t)
+    times = _common.interleave({"bn": lambda: f_bn(v, x), "folded": lambda: f_fold(fv, x)}, rounds=args.reps)
     med = {k: float(np.median(t)) for k, t in times.items()}
     res = {
         "batch": args.batch,

@@ -46,9 +46,9 @@ def build() -> str:
     if md:
         parts += ["### Synchronized BN, 2 virtual CPU devices, one per core (`sync.py --devices 2`)", "",
                   md.strip(), ""]
-    md = _read("cpu_settings.md")
+    md = _read("studies/cpu_settings.md")
     if md:
-        parts += ["### CPU settings (`cpu_settings.py`)", "", md.strip(), ""]
+        parts += ["### CPU settings (`studies/cpu_settings.py`)", "", md.strip(), ""]
     return "\n".join(parts)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks that make the tables of benchmarks/README.md, then rebuilds
-# the README's results section. About 13 minutes on 2 CPU cores; cpu_settings.py
+# the README's results section. About 13 minutes on 2 CPU cores; studies/cpu_settings.py
 # (another ~25 minutes) only with --settings.
 #
 #   bash benchmarks/run_all.sh              # bn_layer, train_step, sync (8 and 2 devices), sharded_jit, layer_variants, report
@@ -13,10 +13,10 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" benchmarks/train_step.py
 "$PY" benchmarks/sync.py --rounds 21
 "$PY" benchmarks/sync.py --devices 2 --rounds 41 --budget 90
-"$PY" benchmarks/sharded_jit.py
+"$PY" benchmarks/studies/sharded_jit.py
 "$PY" benchmarks/layer_variants.py --rounds 21
 if [ "${1:-}" = "--settings" ]; then
-  "$PY" benchmarks/cpu_settings.py --quick --train-py
+  "$PY" benchmarks/studies/cpu_settings.py --quick --train-py
 fi
 "$PY" benchmarks/report.py
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -20,13 +20,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+from jaxbn import _hlo
 from jaxbn import linen as bl
-
-COLLECTIVES = ("all_reduce", "all_gather", "all_to_all", "reduce_scatter", "collective_permute")
-
-
-def count(text):
-    return sum(text.count(f"stablehlo.{op}") for op in COLLECTIVES)
 
 
 def layer_collectives(module, x):
@@ -43,8 +38,8 @@ def layer_collectives(module, x):
         y, _ = f(p, x)
         return jnp.sum(jnp.sin(y))
 
-    n_fwd = count(jax.jit(f).lower(v["params"], x).as_text())
-    n_both = count(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v["params"], x).as_text())
+    n_fwd = _hlo.count_collectives(_hlo.lowered_text(f, v["params"], x))
+    n_both = _hlo.count_collectives(_hlo.lowered_text(jax.grad(loss, argnums=(0, 1)), v["params"], x))
     return n_fwd, n_both - n_fwd
 
 

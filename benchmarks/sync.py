@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,26 +71,6 @@ SHAPES = {  # per-device shapes (global batch = 8 x the first dimension)
     "resnet-s3": (16, 8, 8, 64),
     "dram-56": (8, 56, 56, 64),  # 64x56x56x64 global: 6.4 MB per device
 }
-COLL_STABLEHLO = ("stablehlo.all_reduce", "stablehlo.all_gather", "stablehlo.reduce_scatter",
-                  "stablehlo.collective_permute", "stablehlo.all_to_all")
-COLL_HLO = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-
-
-def count_stablehlo(text: str) -> int:
-    return sum(text.count(op) for op in COLL_STABLEHLO)
-
-
-def count_hlo(text: str) -> int:
-    """Collective ops in the compiled module (an async pair ``*-start``/``*-done`` counts once)."""
-    n = 0
-    for line in text.splitlines():
-        m = re.search(r"=\s*(?:\([^)]*\)|\S+)\s+([\w-]+)\(", line)
-        if not m:
-            continue
-        op = m.group(1)
-        op = op[:-len("-start")] if op.endswith("-start") else op
-        n += op in COLL_HLO
-    return n
 
 
 def main(argv=None):
@@ -120,6 +99,7 @@ def main(argv=None):
     from jax.sharding import PartitionSpec as P
 
     import jaxbn
+    from jaxbn import _hlo
 
     if jax.device_count() < ndev:
         sys.exit(f"sync.py needs {ndev} devices, found {jax.device_count()}: run it as a script "
@@ -260,10 +240,10 @@ def main(argv=None):
                     args_ = (x, dy, s, b) if api == "shard_map" else (xp, dyp, s, b)
                     key = f"{api}/{kind}/{'sync' if sync else 'local'}"
                     lf, lw = full.lower(*args_), fwd.lower(*args_)
-                    c_full = count_stablehlo(lf.as_text())
-                    c_fwd = count_stablehlo(lw.as_text())
-                    h_full = count_hlo(lf.compile().as_text())
-                    h_fwd = count_hlo(lw.compile().as_text())
+                    c_full = _hlo.count_collectives(lf.as_text())
+                    c_fwd = _hlo.count_collectives(lw.as_text())
+                    h_full = _hlo.count_collectives(lf.compile().as_text())
+                    h_fwd = _hlo.count_collectives(lw.compile().as_text())
                     coll[key] = {"emitted_fwd": c_fwd, "emitted_bwd": c_full - c_fwd, "compiled_fwd": h_fwd,
                                  "compiled_bwd": h_full - h_fwd}
                     cands[key] = (lambda full=full, a=args_: full(*a))
@@ -316,8 +296,7 @@ def main(argv=None):
     if not chained:
         stem += "_independent_dy"
     path = _common.save_json(f"{stem}.json", results)
-    with open(os.path.join(_common.RESULTS, f"{stem}.md"), "w") as f:
-        f.write(f"Command: `python benchmarks/sync.py {' '.join(sys.argv[1:])}`; load {env['loadavg_start']}.\n\n{md}")
+    _common.save_text(f"{stem}.md", f"Command: `{_common.command()}`; load {env['loadavg_start']}.\n\n{md}")
     print(f"wrote {path}")
     return 0
 

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+from jaxbn import _hlo
 from oracle import RTOL, np_batch_norm, np_ema, np_grads, np_moments, rel_err
 
 RNG = np.random.default_rng(1)
@@ -157,19 +158,6 @@ def test_low_precision_inputs(dtype):
     assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g)))
 
 
-def _x_sized_kernel_outputs(hlo_text: str, shape) -> list:
-    """'dtype[shape] name' of each kernel of the compiled entry computation that writes x's shape."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    array = "[" + ",".join(map(str, shape)) + "]"
-    out = []
-    for line in entry.splitlines()[1:]:
-        name, _, rhs = line.partition(" = ")
-        parts = rhs.split("(", 1)[0].split()  # e.g. ['f32[16,6,6,8]{3,2,1,0}', 'fusion']
-        if len(parts) == 2 and array in parts[0] and parts[1] not in ("parameter", "bitcast", "get-tuple-element"):
-            out.append(f"{parts[0].split('{')[0]} {name.strip()}")
-    return out
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU kernels")
 @pytest.mark.parametrize("masked", [False, True], ids=["", "per_example_mask"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -189,8 +177,8 @@ def test_training_layer_writes_no_x_sized_temporary(dtype, masked):
                          x, params)
         return y, vjp(dy)
 
-    hlo = jax.jit(f).lower(x, dy, params).compile().as_text()
-    written = _x_sized_kernel_outputs(hlo, shape)
+    # 'dtype[shape] kernel' for each array of at least x's size that the compiled program writes
+    written = [f"{a} {k}" for k, a in _hlo.large_outputs(_hlo.compiled_text(f, x, dy, params), x.size)]
     name = jnp.dtype(dtype).name.replace("bfloat16", "bf16").replace("float32", "f32")
     assert len(written) == 2 and all(w.startswith(name) for w in written), written
 
@@ -312,6 +300,14 @@ S = jaxbn.init_state(3)
         (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\].*got -0.1"),
         (dict(epsilon=-1e-5), ValueError, r"epsilon must be >= 0, got -1e-05"),
         (dict(axis_name="batch"), ValueError, r"axis_name='batch' is not bound"),
+        (dict(axis=1.0), TypeError, r"axis must be an int or a tuple of ints, got 1.0 \(float\)"),
+        (dict(axis=(0, "1")), TypeError, r"axis must be an int or a tuple of ints, got \(0, '1'\)"),
+        (dict(momentum="0.9"), TypeError, r"momentum must be a number in \[0, 1\] or None, got '0.9' \(str\)"),
+        (dict(epsilon="1e-5"), TypeError, r"epsilon must be a number >= 0, got '1e-5' \(str\)"),
+        (dict(training="yes"), TypeError, r"training must be a bool \(True or False\), got 'yes' \(str\)"),
+        (dict(training=1), TypeError, r"training must be a bool \(True or False\), got 1 \(int\)"),
+        (dict(update_stats="no"), TypeError, r"update_stats must be a bool \(True or False\) or None, got 'no'"),
+        (dict(axis_name=3), TypeError, r"axis_name must be a str, a tuple of str or None, got 3 \(int\)"),
     ],
 )
 def test_bad_input_errors(kwargs, exc, pattern):
@@ -325,6 +321,12 @@ def test_bad_input_errors(kwargs, exc, pattern):
 def test_init_errors():
     with pytest.raises(ValueError, match=r"num_features must be a positive int"):
         jaxbn.init_state(0)
+    for bad in (8.0, "8", None, True):
+        for init in (jaxbn.init_state, jaxbn.init_params):
+            with pytest.raises(TypeError, match=rf"num_features must be a positive int or a tuple of positive ints, got {bad!r} \({type(bad).__name__}\)"):
+                init(bad)
+    with pytest.raises(ValueError, match=r"num_features must be a positive int or a tuple of positive ints, got \(2, 0\)"):
+        jaxbn.init_params((2, 0))
     with pytest.raises(ValueError, match=r"mean has shape \(2,\), expected \(3,\)"):
         jaxbn.normalize(X, np.zeros(2), np.ones(3))
 

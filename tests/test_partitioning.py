@@ -2,8 +2,6 @@
 one all-reduce forward and one backward, no gathered operands, CPU kernels on each
 device's rows. Oracle: float64 NumPy on the whole batch (tests/oracle.py)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn import cpu_kernel
+from jaxbn import _hlo, cpu_kernel
 from oracle import RTOL, np_batch_norm, np_grads, np_moments, rel_err
 
 C = 8
@@ -79,8 +77,8 @@ def _put(spec_name):
 def _collectives(hlo: str) -> dict:
     """Collectives in a compiled program, less the scalar all-reduce of the running count's
     "any feature updated" flag that a feature-sharded state update needs."""
-    out = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ("all-reduce", "all-gather", "all-to-all")}
-    out["all-reduce"] -= len(re.findall(r"= pred\[\] all-reduce(-start)?\(", hlo))
+    out = {op: n for op, n in _hlo.collectives(hlo).items() if op in ("all-reduce", "all-gather", "all-to-all")}
+    out["all-reduce"] -= _hlo.count_ops(hlo, "all-reduce", shape="pred[]")
     return out
 
 
@@ -102,15 +100,16 @@ def test_sharded_jit_equals_the_global_batch(spec_name, kernel, ndev):
 def test_sharded_jit_one_all_reduce_each_way_nothing_gathered(kernel, ndev):
     x = _put("batch")
     with cpu_kernel.use(kernel):
-        fwd = _collectives(_fwd.lower(x, PARAMS).compile().as_text())
-        hlo = _grad.lower(x, PARAMS).compile().as_text()
+        fwd = _collectives(_hlo.compiled_text(_fwd, x, PARAMS))
+        hlo = _hlo.compiled_text(_grad, x, PARAMS)
     both = _collectives(hlo)
     assert fwd == {"all-reduce": 1, "all-gather": 0, "all-to-all": 0}, fwd
     assert both == {"all-reduce": 2, "all-gather": 0, "all-to-all": 0}, both
     if kernel == "auto" and cpu_kernel.available():
         rows = SHAPE[0] // 8 * SHAPE[1] * SHAPE[2]  # each device's 2 of 16 examples: 24 rows of 8 features
+        rows_of_x = (_hlo.Array("f32", (rows, C)),)  # a kernel's first operand: x as this device's rows
         for name in ("jaxbn_moments", "jaxbn_dy_sums"):
-            assert re.search(rf'custom_call_target="{name}", operand_layout_constraints={{f32\[{rows},{C}\]', hlo), name
+            assert any(ops[0] == rows_of_x for ops in _hlo.custom_call_operands(hlo, name)), name
 
 
 def test_moments_sharded_jit_jvp_and_vmap(ndev):
@@ -145,8 +144,7 @@ def test_partially_manual_shard_map_uses_the_xla_formulation(ndev):
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("b"), P()), out_specs=P("b"), axis_names={"b"}))
     x = jax.device_put(X, NamedSharding(mesh, P("b")))
-    hlo = f.lower(x, PARAMS).compile().as_text()
-    assert "jaxbn_" not in hlo
+    assert not _hlo.custom_calls(_hlo.compiled_text(f, x, PARAMS), "jaxbn_")
     assert rel_err(f(x, PARAMS), np_batch_norm(X, PARAMS["scale"], PARAMS["bias"])[0]) < RTOL["float32"]
 
 
@@ -198,8 +196,8 @@ def test_sharded_jit_masked_equals_the_global_batch(spec_name, mask_name, ndev):
     st = _masked_fwd(jax.device_put(bad, x.sharding), PARAMS, m)
     assert rel_err(st.mean, m_ref) < RTOL["float32"] and rel_err(st.var, v_ref) < RTOL["float32"]
 
-    fwd = _collectives(_masked_fwd.lower(x, PARAMS, m).compile().as_text())
-    both = _collectives(_masked_grad.lower(x, PARAMS, m).compile().as_text())
+    fwd = _collectives(_hlo.compiled_text(_masked_fwd, x, PARAMS, m))
+    both = _collectives(_hlo.compiled_text(_masked_grad, x, PARAMS, m))
     assert fwd == {"all-reduce": 1, "all-gather": 0, "all-to-all": 0}, fwd
     assert both == {"all-reduce": 2, "all-gather": 0, "all-to-all": 0}, both
 
@@ -246,10 +244,11 @@ def test_sharded_jit_nchw_slab_kernels(masked, ndev):
     m = None if mask is None else jax.device_put(mask, NamedSharding(mesh, P("b")))
     with cpu_kernel.use("auto"):
         f = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-        hlo = f.lower(x, PARAMS, m).compile().as_text()
+        hlo = _hlo.compiled_text(f, x, PARAMS, m)
     (dx, dp), (y, st) = f(x, PARAMS, m)
     if cpu_kernel.available():
-        assert f'"jaxbn_{"masked_" if masked else ""}slab_moments"' in hlo and "jaxbn_slab_dy_sums" in hlo
+        targets = _hlo.custom_calls(hlo)
+        assert f'jaxbn_{"masked_" if masked else ""}slab_moments' in targets and "jaxbn_slab_dy_sums" in targets
     assert _collectives(hlo) == {"all-reduce": 2, "all-gather": 0, "all-to-all": 0}, _collectives(hlo)
     y_ref, m_ref, v_ref, _ = np_batch_norm(xn, PARAMS["scale"], PARAMS["bias"], mask, feature_axes=(1,))
     dx_ref, ds_ref, db_ref = np_grads(xn, PARAMS["scale"], PARAMS["bias"], wn, mask, feature_axes=(1,))

@@ -1,8 +1,8 @@
 r"""What governs JAX's CPU speed here: allocator and XLA settings, one process per setting.
 
-  python benchmarks/cpu_settings.py                 # every setting, 2 rounds (~10 min)
-  python benchmarks/cpu_settings.py --settings default heap --rounds 3
-  python benchmarks/cpu_settings.py --train-py      # also time whole train.py runs
+  python benchmarks/studies/cpu_settings.py                 # every setting, 2 rounds (~10 min)
+  python benchmarks/studies/cpu_settings.py --settings default heap --rounds 3
+  python benchmarks/studies/cpu_settings.py --train-py      # also time whole train.py runs
 
 Environment variables such as GLIBC_TUNABLES, LD_PRELOAD and XLA_FLAGS act at
 process start, so each setting runs in a fresh process (this script with
@@ -22,7 +22,7 @@ allocator has reached its working set):
 `--train-py` also times `python train.py --config configs/default.py` for a short
 run (200 steps of the CNN) under `default` and the recommended setting,
 alternating, as whole processes (start-up, compilation, data, checkpoints).
-Results: results/cpu_settings.json and .md.
+Results: benchmarks/results/studies/cpu_settings.json and .md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _common and the other shared modules
 
 import _common  # noqa: E402
 
@@ -86,13 +86,7 @@ def probe(quick: bool):
     # 1. A fresh 52 MB output, steady state.
     x = jnp.ones((13 * 2**20,), jnp.float32)
     neg = jax.jit(lambda a: -a)
-    for _ in range(12):
-        jax.block_until_ready(neg(x))
-    ts = []
-    for _ in range(15):
-        t = time.perf_counter()
-        jax.block_until_ready(neg(x))
-        ts.append(time.perf_counter() - t)
+    ts = _common.interleave({"neg": lambda: neg(x)}, rounds=15, warmup=12)["neg"]
     out["fresh_copy_52MB_s"] = float(np.median(ts))
     del x
 
@@ -125,11 +119,17 @@ def probe(quick: bool):
 # The driver.
 
 
-def run_setting(name, quick):
+def setting_env(name):
+    """This process's environment with setting `name` in place of any of the settings' variables."""
     env = dict(os.environ)
     for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "JAXBN_CPU_KERNEL"):
         env.pop(k, None)
     env.update(SETTINGS[name])
+    return env
+
+
+def run_setting(name, quick):
+    env = setting_env(name)
     env["JAXBN_BENCH_NO_REEXEC"] = "1"
     cmd = [sys.executable, os.path.abspath(__file__), "--probe"] + (["--quick"] if quick else [])
     t0 = time.perf_counter()
@@ -145,10 +145,7 @@ def run_setting(name, quick):
 
 
 def run_train_py(name, steps, workdir_root):
-    env = dict(os.environ)
-    for k in ("GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "JAXBN_CPU_KERNEL"):
-        env.pop(k, None)
-    env.update(SETTINGS[name])
+    env = setting_env(name)
     wd = tempfile.mkdtemp(prefix=f"train_{name}_", dir=workdir_root)
     cmd = [sys.executable, os.path.join(_common.ROOT, "train.py"), "--config",
            os.path.join(_common.ROOT, "configs", "default.py"), f"--config.num_train_steps={steps}",
@@ -256,14 +253,14 @@ def main(argv=None):
                                      tp_rows)
     print(table)
     print(tp_table)
-    path = _common.save_json(f"{args.tag}.json", {"environment": env, "settings": SETTINGS, "runs": runs,
+    path = _common.save_json(f"studies/{args.tag}.json", {"environment": env, "settings": SETTINGS, "runs": runs,
                                                    "summary": summary, "train_py": train_py,
                                                    "train_py_steps": args.train_py_steps, "table": table,
                                                    "train_py_table": tp_table})
-    with open(os.path.join(_common.RESULTS, f"{args.tag}.md"), "w") as f:
-        f.write(f"Command: `python benchmarks/cpu_settings.py {' '.join(sys.argv[1:])}`; load average "
-                f"{env['loadavg_start']} at start.\n\nTimes are medians over rounds; (×r) = speed-up over "
-                f"`default` in the same round.\n\n{table}\n\n{tp_table}\n")
+    _common.save_text(f"studies/{args.tag}.md",
+                      f"Command: `{_common.command()}`; load average {env['loadavg_start']} at start.\n\n"
+                      f"Times are medians over rounds; (×r) = speed-up over `default` in the same round.\n\n"
+                      f"{table}\n\n{tp_table}\n")
     print(f"wrote {path}")
     return 0
 

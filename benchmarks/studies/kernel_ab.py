@@ -1,14 +1,14 @@
 r"""The CPU kernels of two versions of jaxbn/csrc/batch_norm_cpu.cc, timed in one process.
 
-  python benchmarks/kernel_ab.py --base HEAD~1        # a git revision against the working tree
-  python benchmarks/kernel_ab.py --base old.cc        # or a file
+  python benchmarks/studies/kernel_ab.py --base HEAD~1   # a git revision against the working tree
+  python benchmarks/studies/kernel_ab.py --base old.cc   # or a file
 
 Builds both sources with jaxbn's compiler flags, registers their FFI targets under
 ``base_*`` and ``head_*``, checks that both compute the same statistics, and times
 ``jaxbn_moments`` and ``jaxbn_dy_sums`` on NHWC shapes (x viewed as rows of C),
 interleaved in random order, with XLA's plain ``sum`` over the same rows as a
 reference read. Reports medians and the median per-round ratio base/head (> 1: the
-head is faster). Results: results/kernel_ab.json.
+head is faster). Results: benchmarks/results/studies/kernel_ab.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _common and the other shared modules
 
 import _common  # noqa: E402
 
@@ -32,11 +32,11 @@ SHAPES = [(64, 56, 56, 64), (16, 26, 26, 32), (16, 8, 8, 64), (32, 16, 16, 128),
 def _build(src_text: str, out: str) -> None:
     import jax
 
-    from jaxbn import cpu_kernel
+    from jaxbn.backends import build
 
     with tempfile.NamedTemporaryFile("w", suffix=".cc", delete=False) as f:
         f.write(src_text)
-    cmd = [os.environ.get("CXX", "g++"), *cpu_kernel._FLAGS, f"-I{jax.ffi.include_dir()}", f.name, "-o", out]
+    cmd = [os.environ.get("CXX", "g++"), *build.FLAGS, f"-I{jax.ffi.include_dir()}", f.name, "-o", out]
     subprocess.run(cmd, check=True, capture_output=True)
     os.unlink(f.name)
 
@@ -51,7 +51,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    root = os.path.dirname(HERE)
+    root = _common.ROOT
     if os.path.exists(args.base):
         base_src = open(args.base).read()
     else:
@@ -95,7 +95,7 @@ def main():
         print(rows[-1], flush=True)
     print(_common.fmt_table(["shape", "moments base ms", "head ms", "base/head", "dy_sums base ms", "head ms",
                              "base/head", "XLA sum ms"], rows))
-    print(f"wrote {_common.save_json('kernel_ab.json', results)}")
+    print(f"wrote {_common.save_json('studies/kernel_ab.json', results)}")
 
 
 if __name__ == "__main__":

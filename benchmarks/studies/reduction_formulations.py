@@ -1,7 +1,7 @@
 r"""Ways to compute two per-channel sums in one pass over memory, as XLA:CPU compiles them.
 
-  python benchmarks/reduction_formulations.py            # 64×56×56×64 float32 (~1 min)
-  python benchmarks/reduction_formulations.py --shape 128 26 26 32
+  python benchmarks/studies/reduction_formulations.py            # 64×56×56×64 float32 (~1 min)
+  python benchmarks/studies/reduction_formulations.py --shape 128 26 26 32
 
 The backward needs ``Σdy`` and ``Σdy·(x−μ)`` per channel, the forward ``Σx`` and
 ``Σ(x−μ)²``. jaxbn computes them as separate reductions (three array reads in the
@@ -9,19 +9,17 @@ backward, two in the forward), which is XLA:CPU's floor (see README.md, "The
 roofline"). This script times the one-pass alternatives against that, interleaved,
 medians, and reports how many x-sized arrays each compiled program writes (a
 formulation that materializes its operand moves more bytes, not fewer).
-Results: results/reduction_formulations.json.
+Results: benchmarks/results/studies/reduction_formulations.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _common and the other shared modules
 
 import _common  # noqa: E402
 
@@ -78,20 +76,6 @@ def formulations(red):
     return {k: jax.jit(f) for k, f in fs.items()}
 
 
-def count_x_sized_outputs(hlo_text: str, numel: int) -> int:
-    """Kernels of the compiled entry computation writing an array of at least x's size."""
-    entry = hlo_text[hlo_text.index("\nENTRY"):]
-    n = 0
-    for line in entry.splitlines()[1:]:
-        _, _, rhs = line.partition(" = ")
-        head = rhs.split("(", 1)[0]
-        if head.endswith(("parameter", "bitcast", "get-tuple-element")):
-            continue
-        sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\[([0-9,]*)\]", head)]
-        n += any(sz >= numel for sz in sizes)
-    return n
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs=4, type=int, default=[64, 56, 56, 64])
@@ -105,6 +89,8 @@ def main(argv=None):
     import jax
     import numpy as np
 
+    from jaxbn import _hlo
+
     shape = tuple(args.shape)
     red = tuple(range(len(shape) - 1))
     x = jax.random.normal(jax.random.key(0), shape) * 2 + 3
@@ -115,7 +101,9 @@ def main(argv=None):
     env = _common.environment()
     print(f"# reduction_formulations: {env['cpu']['model_name']}, {shape} float32, load {env['loadavg_start']}",
           flush=True)
-    written = {k: count_x_sized_outputs(f.lower(x, dy, mu).compile().as_text(), x.size) for k, f in fs.items()}
+    # kernels of each compiled program that write an array of at least x's size
+    written = {k: len({name for name, _ in _hlo.large_outputs(_hlo.compiled_text(f, x, dy, mu), x.size)})
+               for k, f in fs.items()}
     for k in ("variadic lax.reduce", "jnp.stack", "where(iota == 0)", "complex64", "broadcast k"):
         got = np.asarray(fs[k](x, dy, mu)).reshape(2, -1)
         assert np.allclose(got, np.asarray(ref), rtol=1e-3, atol=1e-2 * np.sqrt(x.size / shape[-1])), k
@@ -124,7 +112,7 @@ def main(argv=None):
     rows = [[k, f"{np.median(t) * 1e3:.1f}", written[k]] for k, t in s.items()]
     table = _common.fmt_table(["formulation", "ms (median)", "arrays ≥ x written"], rows)
     print(table)
-    path = _common.save_json("reduction_formulations.json", {
+    path = _common.save_json("studies/reduction_formulations.json", {
         "environment": env, "shape": shape, "dtype": "float32", "table": table,
         "median_s": {k: float(np.median(t)) for k, t in s.items()}, "x_sized_arrays_written": written})
     print(f"wrote {path}")

@@ -1,6 +1,6 @@
-r"""BatchNorm under sharded jit (2 virtual CPU devices): before and after jaxbn/partitioning.py.
+r"""BatchNorm under sharded jit (2 virtual CPU devices): before and after jaxbn/backends/spmd.py.
 
-  python benchmarks/sharded_jit.py
+  python benchmarks/studies/sharded_jit.py
 
 Times the training layer's gradient (loss sum(g * y**2), x sharded over the batch)
 three ways in one process, interleaved: "before" = XLA's SPMD partitioner splits the
@@ -9,7 +9,7 @@ before); the custom_partitioning path with the XLA formulation; and with the CPU
 kernels on each device's rows (the default). Then the same with a per-example mask
 (the last eighth of the examples left out, as in a padded last batch), where the
 kernels do not apply: "before" against the custom_partitioning path. Counts
-all-reduces and all-gathers in the compiled program. Results: results/sharded_jit.json.
+all-reduces and all-gathers in the compiled program. Results: benchmarks/results/studies/sharded_jit.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _common and the other shared modules
 
 import _common  # noqa: E402
 
@@ -35,13 +35,12 @@ def main():
     from jax.sharding import PartitionSpec as P
 
     import jaxbn
-    from jaxbn import cpu_kernel, partitioning
+    from jaxbn import _hlo, backends, cpu_kernel
 
     env = _common.environment()
     mesh = jax.make_mesh((2,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
     variants = (("before", "0", False), ("partitioned[xla]", "0", True), ("partitioned+kernels", "auto", True))
     results = {"environment": env, "shapes": {}, "masked": {}}
-    orig = partitioning.active
     for masked in (False, True):
         for shape in SHAPES:
             C = shape[-1]
@@ -56,16 +55,12 @@ def main():
                 return jnp.sum(g * y**2)
 
             fs, coll = {}, {}
-            try:
-                for name, mode, part in variants[:2] if masked else variants:
-                    partitioning.active = orig if part else (lambda: False)
-                    with cpu_kernel.use(mode):
-                        f = jax.jit(jax.grad(loss, argnums=(0, 1)))
-                        hlo = f.lower(x, p, mask).compile().as_text()
-                    fs[name] = f
-                    coll[name] = {"all-reduce": hlo.count("all-reduce("), "all-gather": hlo.count("all-gather(")}
-            finally:
-                partitioning.active = orig
+            for name, mode, part in variants[:2] if masked else variants:
+                with backends.custom_partitioning(part), cpu_kernel.use(mode):
+                    f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+                    n = _hlo.collectives(_hlo.compiled_text(f, x, p, mask))
+                fs[name] = f
+                coll[name] = {k: n[k] for k in ("all-reduce", "all-gather")}
             smp = _common.interleave({k: (lambda f=f: [f(x, p, mask) for _ in range(5)]) for k, f in fs.items()},
                                      rounds=15, warmup=2)
             row = {"collectives": coll, "median_ms": {k: float(np.median(v) / 5 * 1e3) for k, v in smp.items()},
@@ -74,7 +69,7 @@ def main():
             for k in fs:
                 print(f"{'masked ' if masked else ''}{'x'.join(map(str, shape))} {k:20s} {row['median_ms'][k]:.2f} ms  "
                       f"x{row['speedup_vs_before'][k]:.2f}  {coll[k]}", flush=True)
-    print(f"wrote {_common.save_json('sharded_jit.json', results)}")
+    print(f"wrote {_common.save_json('studies/sharded_jit.json', results)}")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ Plan MakePlan(ffi::Span<const int64_t> dims) {
 // Wider rows are read row by row, which the prefetcher follows: with all sums in
 // registers for C = 24..64 (RowSumsK, DyRowSumsK), through small arrays above; only
 // the moments' second pass, on a block already in L1, walks it 8 channels at a time.
-// Against row loops with array sums for every C (`python benchmarks/kernel_ab.py
+// Against row loops with array sums for every C (`python benchmarks/studies/kernel_ab.py
 // --base <revision before>`, both builds in one process, 15 interleaved rounds):
 // moments ×1.23–×1.63 at C = 32..128 (×1.29 at 64×56×56×64), dy sums ×1.45 at
 // 16×26×26×32, ×1.0–×1.1 elsewhere; the unchanged C = 8 path ×1.04–×1.06 (noise).
