@@ -37,10 +37,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+
+from jaxbn._checks import check_epsilon, params_entries
+from jaxbn._stats import affine, stat_dtype
 
 __all__ = [
     "fold_bn_params",
@@ -58,15 +61,6 @@ Padding = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
 # Argument checking.
 
 
-def _check_epsilon(epsilon) -> None:
-    try:
-        e = float(epsilon)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # traced: cannot check.
-    if not e >= 0.0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
-
-
 def _float_array(name: str, v: ArrayLike) -> jax.Array:
     v = jnp.asarray(v)
     if not jnp.issubdtype(v.dtype, jnp.floating):
@@ -74,35 +68,24 @@ def _float_array(name: str, v: ArrayLike) -> jax.Array:
     return v
 
 
-def _bn_vectors(params, state, pname: str, sname: str):
-    """(scale|None, bias|None, mean, var) checked to be float vectors of one shape (C,)."""
-    if params is None:
-        scale = bias = None
-    elif isinstance(params, Mapping):
-        unknown = set(params.keys()) - {"scale", "bias"}
-        if unknown:
-            raise ValueError(
-                f"{pname} has unexpected keys {sorted(unknown)}, expected a subset of ['bias', 'scale']"
-            )
-        scale, bias = params.get("scale"), params.get("bias")
-    else:
-        raise TypeError(
-            f"{pname} must be a dict with optional keys 'scale' and 'bias' or None, got {type(params).__name__}"
-        )
-
+def _running_stats(state, sname: str):
+    """(mean, var) of a `jaxbn.BatchNormState` or of a mapping with 'mean' and 'var'."""
     if isinstance(state, Mapping):
         missing = {"mean", "var"} - set(state.keys())
         if missing:
             raise ValueError(f"{sname} lacks the keys {sorted(missing)}: expected 'mean' and 'var'")
-        mean, var = state["mean"], state["var"]
-    elif hasattr(state, "mean") and hasattr(state, "var"):
-        mean, var = state.mean, state.var
-    else:
-        raise TypeError(
-            f"{sname} must be a jaxbn.BatchNormState or a mapping with 'mean' and 'var', "
-            f"got {type(state).__name__}"
-        )
+        return state["mean"], state["var"]
+    if hasattr(state, "mean") and hasattr(state, "var"):
+        return state.mean, state.var
+    raise TypeError(
+        f"{sname} must be a jaxbn.BatchNormState or a mapping with 'mean' and 'var', got {type(state).__name__}"
+    )
 
+
+def _bn_vectors(params, state, pname: str, sname: str):
+    """(scale|None, bias|None, mean, var) checked to be float vectors of one shape (C,)."""
+    scale, bias = params_entries(params, pname)
+    mean, var = _running_stats(state, sname)
     mean = _float_array(f"{sname}.mean", mean)
     if mean.ndim != 1:
         raise ValueError(
@@ -124,22 +107,14 @@ def _bn_vectors(params, state, pname: str, sname: str):
     return scale, bias, mean, var
 
 
-def _compute_dtype(*arrays) -> Any:
-    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays if a is not None])
-
-
 def _affine(params, state, epsilon, pname, sname, *extra):
-    """(a, b, c_dtype) with BN(z) = a·z + b, in the compute dtype."""
-    _check_epsilon(epsilon)
+    """(a, b, mean, beta) with BN(z) = (z - mean)·a + beta = a·z + b, in the compute dtype
+    (float32, float64 if any of the BN vectors or `extra` arrays is); beta is 0 without a bias."""
+    check_epsilon(epsilon)
     scale, bias, mean, var = _bn_vectors(params, state, pname, sname)
-    dt = _compute_dtype(scale, bias, mean, var, *extra)
-    a = jax.lax.rsqrt(var.astype(dt) + jnp.asarray(epsilon, dt))
-    if scale is not None:
-        a = a * scale.astype(dt)
-    b = -mean.astype(dt) * a
-    if bias is not None:
-        b = b + bias.astype(dt)
-    return a, b, mean.astype(dt), bias  # bias: BN's raw bias or None.
+    dt = stat_dtype(jnp.result_type(*[v for v in (scale, bias, mean, var, *extra) if v is not None]))
+    mean, a, beta = affine(mean, var, scale, bias, jnp.asarray(epsilon, dt), dt)
+    return a, beta - mean * a, mean, beta
 
 
 # ----------------------------------------------------------------------------
@@ -178,7 +153,7 @@ def _fold_into_output(kernel, bias, bn_params, bn_state, epsilon, kname, bname, 
         raise ValueError(f"{kname} has shape {kernel.shape}, expected {what}")
     if bias is not None:
         bias = _float_array(bname, bias)
-    a, b, mean, bn_bias = _affine(bn_params, bn_state, epsilon, "bn_params", "bn_state", kernel, bias)
+    a, b, mean, beta = _affine(bn_params, bn_state, epsilon, "bn_params", "bn_state", kernel, bias)
     (c,) = a.shape
     out = kernel.shape[-1]
     if out != c:
@@ -198,11 +173,8 @@ def _fold_into_output(kernel, bias, bn_params, bn_state, epsilon, kname, bname, 
     if bias is None:
         new_bias = b.astype(kernel.dtype)
     else:
-        # (c - mean)·a + bias_bn: subtract before scaling (exact when c ≈ mean).
-        new_bias = (bias.astype(dt) - mean) * a
-        if bn_bias is not None:
-            new_bias = new_bias + bn_bias.astype(dt)
-        new_bias = new_bias.astype(bias.dtype)
+        # (c - mean)·a + beta: subtract before scaling (exact when c ≈ mean).
+        new_bias = ((bias.astype(dt) - mean) * a + beta).astype(bias.dtype)
     return new_kernel, new_bias
 
 

@@ -10,7 +10,8 @@ both, under `shard_map`, and compares layer by layer:
 
 and names BatchNorm layers left without the data axis name (per-device
 statistics, flax#877), found both from their attributes and from their numbers.
-Works for `jaxbn.linen`/`jaxbn.nnx` and Flax's own BatchNorm modules.
+Works for `jaxbn.linen`/`jaxbn.nnx` and Flax's own BatchNorm modules, and for
+their subclasses whatever their names (`jaxbn._detect.is_batch_norm`).
 
 Example:
   >>> report = check_sync_bn(model, variables, x, axis_name="batch")  # doctest: +SKIP
@@ -26,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from jaxbn._checks import axis_names
+from jaxbn._detect import is_batch_norm
 
 __all__ = ["SyncReport", "check_sync_bn", "assert_sync_bn"]
 
@@ -84,15 +88,9 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _is_batch_norm(module) -> bool:
-    return "BatchNorm" in type(module).__name__ and hasattr(module, "axis_name")
-
-
 def _synced(axis_name_attr, axis_name: str) -> bool:
-    if axis_name_attr is None:
-        return False
-    names = (axis_name_attr,) if isinstance(axis_name_attr, str) else tuple(axis_name_attr)
-    return axis_name in names
+    """Whether a BatchNorm's `axis_name` attribute reduces over `axis_name`."""
+    return axis_name in (axis_names(axis_name_attr) or ())
 
 
 def _mesh(n: int, axis_name: str, devices):
@@ -120,7 +118,7 @@ def _linen_step(model, variables, axis_name, apply_kwargs, seen, seed):
 
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
-        if context.method_name == "__call__" and _is_batch_norm(m):
+        if context.method_name == "__call__" and is_batch_norm(m):
             seen["/".join(m.path)] = m.axis_name
         return next_fun(*args, **kwargs)
 
@@ -154,7 +152,7 @@ def _nnx_step(model, axis_name, apply_kwargs, seen, seed):
     from flax import nnx
 
     for path, m in nnx.iter_graph(model):
-        if isinstance(m, nnx.Module) and _is_batch_norm(m):
+        if is_batch_norm(m):
             seen[_path_str(path)] = m.axis_name
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 

@@ -198,3 +198,17 @@ def test_bad_axis_index_groups_named_before_xla(ndev, groups, pattern):
     f = jax.pmap(lambda x: jaxbn.moments(x, axis_name="d", axis_index_groups=groups).mean, axis_name="d")
     with pytest.raises(ValueError, match=r"axis_index_groups must split the 8 devices of the axis.*" + pattern):
         f(x)
+
+
+def test_chan_merge_rows_is_exact_in_float64_on_the_host():
+    from jaxbn._stats import merge_rows
+
+    rng = np.random.default_rng(7)
+    parts = [rng.normal(1e8, 1.0, size=n) for n in (5, 0, 17, 3)]  # an empty part adds nothing
+    ns = np.array([len(p) for p in parts], np.float64)
+    means = np.array([p.mean() if len(p) else 0.0 for p in parts])
+    m2s = np.array([((p - p.mean()) ** 2).sum() if len(p) else 0.0 for p in parts])
+    n, mean, m2 = merge_rows(ns, means, m2s, xp=np)
+    whole = np.concatenate(parts)
+    assert isinstance(mean, np.floating) and n == whole.size
+    assert abs(mean - whole.mean()) / 1e8 < 1e-15 and abs(m2 / n - whole.var()) / whole.var() < 1e-9

@@ -43,6 +43,30 @@ def test_unsynchronized_flax_model_is_caught_and_named(ndev):
         assert_sync_bn(model, v, X, axis_name="batch")
 
 
+class Forgetful(bl.BatchNorm):
+    """A BatchNorm subclass, named without "BatchNorm", that drops the axis_name it is given."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "axis_name", None)
+        super().__post_init__()
+
+
+class ForgetfulNNX(bnnx.BatchNorm):
+    def __init__(self, *args, axis_name=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+def test_unsynchronized_subclass_is_named(ndev):
+    model, v = _linen(MLP(norm=functools.partial(Forgetful, axis_name="batch")))
+    report = check_sync_bn(model, v, X, axis_name="batch")
+    assert not report.ok
+    assert report.unsynced_layers == ["BatchNorm_0"]
+    assert "UNSYNCED BatchNorm BatchNorm_0" in str(report)
+    bad = _NNXNet(functools.partial(ForgetfulNNX, axis_name="batch"), nnx.Rngs(0))
+    report = check_sync_bn(bad, None, X)
+    assert not report.ok and report.unsynced_layers == ["bn"]
+
+
 def test_cnn_with_jaxbn_passes(ndev):
     x = np.random.default_rng(1).uniform(size=(8, 28, 28, 1)).astype(np.float32)
     model = CNN(norm=functools.partial(bl.BatchNorm, axis_name="batch"))
