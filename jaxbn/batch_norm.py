@@ -40,8 +40,10 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+from jax.interpreters import ad
 
 from jaxbn import _checks as checks
+from jaxbn._linear_op import linear_op
 from jaxbn._stats import affine, merge_over_axes, stat_dtype
 from jaxbn._types import ArrayLike, Axis, AxisName, BatchNormState, Moments
 from jaxbn.backends import Reductions, select
@@ -163,7 +165,7 @@ def _normalize(x, mean, var, scale, bias, lay, epsilon, out_dtype=None):
 
 
 # ----------------------------------------------------------------------------
-# Training-mode normalization with a one-collective custom backward.
+# Training-mode normalization: forward and reverse mode, one collective each way.
 
 
 class _Config(NamedTuple):
@@ -175,35 +177,87 @@ class _Config(NamedTuple):
     reductions: Reductions  # chosen once (jaxbn.backends.select), for forward and backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train_normalize(cfg: _Config, x, scale, bias, mask):
-    return _train_fwd(cfg, x, scale, bias, mask)[0]
-
-
-def _train_fwd(cfg: _Config, x, scale, bias, mask):
+    """``(y, stats)``: x normalized with its global batch moments, which carry no derivative."""
     stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
     y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
-    out = (y, jax.lax.stop_gradient(stats))
-    return out, (x, scale, bias, mask, stats.mean, stats.var, stats.count)
+    return y, jax.lax.stop_gradient(stats)
 
 
-def _train_bwd(cfg: _Config, res, cts):
-    """Gradient of y = (x - μ)·a + b, a = γ/σ, with μ, σ² the global masked moments.
+@_train_normalize.defjvp
+def _train_jvp(cfg: _Config, primals, tangents):
+    """The derivative of y = (x - μ)·a + b, a = γ/σ, σ² = var + ε, with μ, var the global
+    masked moments (M the mask, N the valid count):
 
-    With S1 = Σ dy and S2 = Σ dy·(x - μ) over every entry of every device (masked
-    entries too: their outputs use μ and σ as well) and N the valid count:
+        ẏ = a·ẋ + γ̇·(x - μ)/σ + β̇ - a·(T1 + (x - μ)·T2/σ²)/N,
+        T1 = Σ M·ẋ,   T2 = Σ M·ẋ·(x - μ)       (sums over every entry of every device)
 
-        dx = a·dy - M·(a·S1/N + (x - μ)·a·S2/(σ²N)),  dγ = S2/σ,  dβ = S1
+    — one all-reduce of [T1, T2] (`_tangent`). Reverse mode transposes this map with
+    the hand-written `_tangent_transpose`: one all-reduce of [Σg, Σg·(x - μ)], each
+    device's sums from the statistics backend.
+    """
+    x, scale, bias, mask = primals
+    tx, ts, tb, _ = tangents
+    # The statistics as residuals keep their dependence on x (for derivatives of higher order).
+    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
+    y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
+    present = (scale is not None, bias is not None, mask is not None)
+    linear = [tx] + [t for t, p in zip((ts, tb), present) if p]
+    residual = [x, stats.mean, stats.var, stats.count] + [v for v, p in zip((scale, mask), present[::2]) if p]
+    y_dot = _TANGENT.bind(*linear, *residual, cfg=cfg, present=present)
+    return (y, jax.lax.stop_gradient(stats)), (y_dot, jax.tree.map(jnp.zeros_like, stats))
+
+
+def _unpack(args, present):
+    """(tx, ts, tb, x, mean, var, count, scale, mask) from the primitive's operands (None where absent)."""
+    has_scale, has_bias, has_mask = present
+    args = list(args)
+    tx = args.pop(0)
+    ts = args.pop(0) if has_scale else None
+    tb = args.pop(0) if has_bias else None
+    x, mean, var, count = args[:4]
+    rest = args[4:]
+    scale = rest.pop(0) if has_scale else None
+    mask = rest.pop(0) if has_mask else None
+    return tx, ts, tb, x, mean, var, count, scale, mask
+
+
+def _tangent(*args, cfg: _Config, present):
+    """ẏ of `_train_jvp`'s docstring, linear in (ẋ, γ̇, β̇)."""
+    tx, ts, tb, x, mean, var, count, scale, mask = _unpack(args, present)
+    lay, dt = cfg.lay, mean.dtype
+    xc = x.astype(dt) - lay.b(mean)
+    t = tx.astype(dt)
+    tm = t if mask is None else jnp.where(mask, t, 0)
+    sums = jnp.stack([jnp.sum(tm, lay.reduce_axes), jnp.sum(tm * xc, lay.reduce_axes)])
+    if cfg.names is not None:
+        sums = jax.lax.psum(sums, cfg.names, axis_index_groups=cfg.groups)
+    inv = jax.lax.rsqrt(var + cfg.epsilon)
+    a = inv if scale is None else inv * scale.astype(dt)
+    r = 1.0 / jnp.maximum(count, 1)
+    y_dot = t * lay.b(a) - lay.b(a * sums[0] * r) - xc * lay.b(a * inv * inv * sums[1] * r)
+    if ts is not None:
+        y_dot = y_dot + xc * lay.b(ts.astype(dt) * inv)
+    if tb is not None:
+        y_dot = y_dot + lay.b(tb.astype(dt))
+    return y_dot.astype(cfg.dtype)
+
+
+def _tangent_transpose(g, *args, cfg: _Config, present):
+    """The transpose of `_tangent`: the layer's gradient for the output cotangent g.
+
+    With S1 = Σ g and S2 = Σ g·(x - μ) over every entry of every device (masked
+    entries too: their outputs use μ and σ as well):
+
+        ∂x = a·g - M·(a·S1/N + (x - μ)·a·S2/(σ²N)),   ∂γ = S2/σ,   ∂β = S1
 
     One all-reduce of [S1, S2]. Parameter cotangents follow JAX's autodiff
-    convention for the context (`jaxbn.backends.context.param_cotangent`). The
-    statistics outputs carry no gradient (they feed the running averages).
+    convention for the context (`jaxbn.backends.context.param_cotangent`).
     """
-    x, scale, bias, mask, mean, var, count = res
-    dy = cts[0]
-    lay = cfg.lay
-    dt = mean.dtype
-    s = jnp.stack(cfg.reductions.dy_sums(x, dy, mean, lay))
+    _, _, _, x, mean, var, count, scale, mask = _unpack(args, present)
+    lay, dt = cfg.lay, mean.dtype
+    s = jnp.stack(cfg.reductions.dy_sums(x, g, mean, lay))
     s_global = s if cfg.names is None else jax.lax.psum(s, cfg.names, axis_index_groups=cfg.groups)
     s1, s2 = s_global[0], s_global[1]
     inv = jax.lax.rsqrt(var + cfg.epsilon)
@@ -213,13 +267,20 @@ def _train_bwd(cfg: _Config, res, cts):
     corr = lay.b(c1) + (x.astype(dt) - lay.b(mean)) * lay.b(c2)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = (dy.astype(dt) * lay.b(a) - corr).astype(x.dtype)
-    dscale = param_cotangent(scale, s[1] * inv, s2 * inv, x, cfg.names)
-    dbias = param_cotangent(bias, s[0], s1, x, cfg.names)
-    return dx, dscale, dbias, None
+    dx = (g.astype(dt) * lay.b(a) - corr).astype(x.dtype)
+    tx, ts, tb = args[0], args[1] if present[0] else None, args[1 + present[0]] if present[1] else None
+    out = [dx if ad.is_undefined_primal(tx) else None]
+    if present[0]:
+        out.append(param_cotangent(ts.aval, s[1] * inv, s2 * inv, x, cfg.names) if ad.is_undefined_primal(ts) else None)
+    if present[1]:
+        out.append(param_cotangent(tb.aval, s[0], s1, x, cfg.names) if ad.is_undefined_primal(tb) else None)
+    return out
 
 
-_train_normalize.defvjp(_train_fwd, _train_bwd)
+_TANGENT = linear_op(
+    "jaxbn_batch_norm_tangent", _tangent, _tangent_transpose,
+    out_aval=lambda *avals, cfg, present: (avals[0].shape, jnp.dtype(cfg.dtype)),
+)
 
 
 # ----------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def partitioning_enabled() -> bool:
 
 def varying(a) -> frozenset:
     """The named axes that `a` varies over under shard_map's type checks (else empty)."""
-    aval = jax.typeof(a)
+    aval = a if isinstance(a, jax.core.AbstractValue) else jax.typeof(a)
     vma = getattr(aval, "vma", None)
     if vma is None:
         mat = getattr(aval, "manual_axis_type", None)
@@ -97,7 +97,8 @@ def vary_like(outs: tuple, *ins) -> tuple:
 
 
 def param_cotangent(p, local, glob, x, names: Optional[tuple]):
-    """The cotangent of parameter `p` as JAX's autodiff would return it here.
+    """The cotangent of parameter `p` (an array or its abstract value) as JAX's autodiff
+    would return it here.
 
     `local` is this device's sum, `glob` the sum over `names` (already all-reduced).
     Under shard_map's type checks a parameter's cotangent must vary over exactly the
