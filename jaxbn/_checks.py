@@ -42,10 +42,10 @@ def as_shape(num_features: Union[int, Sequence[int]], name: str = "num_features"
 
 
 def check_x(x: ArrayLike) -> jax.Array:
-    """x as an array: floating point, at least one dimension."""
+    """x as an array: floating point (or complex), at least one dimension."""
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype} (shape {x.shape})")
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(f"x must be a floating-point or complex array, got dtype {x.dtype} (shape {x.shape})")
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a scalar")
     return x

@@ -22,8 +22,28 @@ from jaxbn._checks import Layout, axis_size, check_groups
 
 
 def stat_dtype(dtype) -> Any:
-    """The dtype of statistics for inputs of `dtype`: float32, or float64 for float64."""
+    """The dtype of statistics for inputs of `dtype`: float32, or float64 for float64
+    (complex64/complex128 for complex inputs: their means are complex)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype) -> Any:
+    """The real dtype of counts and variances for statistics of `dtype`."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs_sq(d):
+    """|d|², real: the square for real arrays, re² + im² for complex ones (Flax's convention)."""
+    if jnp.iscomplexobj(d):
+        return d.real * d.real + d.imag * d.imag
+    return d * d
+
+
+def real_dot(a, b):
+    """Re(conj(a)·b), elementwise: the derivative of |a|²/2 along b."""
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+        return (a.conj() * b).real
+    return a * b
 
 
 def count(x_shape, mask: Optional[jax.Array], lay: Layout, dtype) -> jax.Array:
@@ -57,8 +77,7 @@ def merge_rows(ns, means, m2s, xp=jnp):
     """
     n = ns.sum(0)
     mean = (ns * means).sum(0) / xp.maximum(n, 1)
-    delta = means - mean[None]
-    return n, mean, m2s.sum(0) + (ns * delta * delta).sum(0)
+    return n, mean, m2s.sum(0) + (ns * abs_sq(means - mean[None])).sum(0)
 
 
 def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]):
@@ -78,11 +97,13 @@ def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]
     size = axis_size(names)
     check_groups(groups, size)
     idx = jax.lax.axis_index(names)
-    rows = jnp.stack([n, mean, m2])
+    cplx = jnp.iscomplexobj(mean)  # a complex mean travels as its real and imaginary parts
+    rows = jnp.stack([n, mean.real, mean.imag, m2] if cplx else [n, mean, m2])
     onehot = (jnp.arange(size) == idx).reshape((size,) + (1,) * rows.ndim)
     buf = jnp.where(onehot, rows[None], jnp.zeros((), rows.dtype))
     buf = jax.lax.psum(buf, names, axis_index_groups=groups)
-    return merge_rows(buf[:, 0], buf[:, 1], buf[:, 2])
+    means = jax.lax.complex(buf[:, 1], buf[:, 2]) if cplx else buf[:, 1]
+    return merge_rows(buf[:, 0], means, buf[:, -1])
 
 
 def affine(mean, var, scale, bias, epsilon, dtype):
@@ -90,7 +111,7 @@ def affine(mean, var, scale, bias, epsilon, dtype):
 
     b is a zero scalar when there is no bias.
     """
-    inv = jax.lax.rsqrt(var.astype(dtype) + epsilon)
+    inv = jax.lax.rsqrt(var.astype(real_dtype(dtype)) + epsilon)
     a = inv if scale is None else inv * scale.astype(dtype)
     b = jnp.zeros((), dtype) if bias is None else bias.astype(dtype)
     return mean.astype(dtype), a, b
@@ -104,7 +125,7 @@ def affine(mean, var, scale, bias, epsilon, dtype):
 def moments_tangents(x, mean, t, red, keep=None, n=None):
     """Tangents of (mean, M2) over axes `red` (`mean` broadcastable against x):
 
-        d mean = Σ_K t / n,   d M2 = 2·Σ_K (x - mean)·t      (as Σ_K (x - mean) = 0)
+        d mean = Σ_K t / n,   d M2 = 2·Σ_K Re(conj(x - mean)·t)      (as Σ_K (x - mean) = 0)
 
     over the entries K that `keep` (broadcastable against x) keeps, all if None;
     `n` is their count (feature-shaped or a number; by default the size of `red`).
@@ -118,7 +139,7 @@ def moments_tangents(x, mean, t, red, keep=None, n=None):
         n = max(math.prod(x.shape[a] for a in red), 1)
     else:
         n = jnp.maximum(n, 1)
-    return jnp.sum(t, red) / n, 2 * jnp.sum(xc * t, red)
+    return jnp.sum(t, red) / n, 2 * jnp.sum(real_dot(xc, t), red)
 
 
 def dy_sums_tangents(x, dy, mean, s1, tx, tdy, tm, red):

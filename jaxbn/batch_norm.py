@@ -199,6 +199,10 @@ def _train_jvp(cfg: _Config, primals, tangents):
     """
     x, scale, bias, mask = primals
     tx, ts, tb, _ = tangents
+    if jnp.iscomplexobj(x):
+        # |x - μ|² is only real-linear in x: JAX's own derivative of the formula.
+        plain = lambda x, scale, bias: _train_normalize.fun(cfg, x, scale, bias, mask)  # noqa: E731
+        return jax.jvp(plain, (x, scale, bias), (tx, ts, tb))
     # The statistics as residuals keep their dependence on x (for derivatives of higher order).
     stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
     y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
@@ -316,14 +320,17 @@ def running_moments(
         w = 1.0 / (state.count.astype(jnp.float32) + 1.0)
     else:
         w = 1.0 - jnp.asarray(momentum, jnp.float32)
-    sd = state.mean.dtype
 
     def ema(old, new):
-        upd = (1.0 - w) * old.astype(jnp.float32) + w * new.astype(jnp.float32)
-        return jnp.where(ok, upd, old.astype(jnp.float32)).astype(old.dtype)
+        # In float32 (complex64 for a complex mean), stored in the state's dtype (made
+        # complex for a complex mean, as Flax's variables become).
+        dt = jnp.complex64 if jnp.iscomplexobj(new) else jnp.float32
+        out = jnp.promote_types(old.dtype, new.dtype) if jnp.iscomplexobj(new) else old.dtype
+        upd = (1.0 - w) * old.astype(dt) + w * new.astype(dt)
+        return jnp.where(ok, upd, old.astype(dt)).astype(out)
 
     return BatchNormState(
-        mean=ema(state.mean, batch.mean).astype(sd),
+        mean=ema(state.mean, batch.mean),
         var=ema(state.var, bvar),
         count=state.count + jnp.any(ok).astype(state.count.dtype),
     )

@@ -12,8 +12,9 @@ RTOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3, "float64": 1e-12}
 
 def rel_err(actual, expected) -> float:
     """||actual - expected|| / ||expected|| in float64 (max-norm of the difference)."""
-    a = np.asarray(actual, np.float64)
-    e = np.asarray(expected, np.float64)
+    dt = np.complex128 if np.iscomplexobj(actual) or np.iscomplexobj(expected) else np.float64
+    a = np.asarray(actual, dt)
+    e = np.asarray(expected, dt)
     assert a.shape == e.shape, (a.shape, e.shape)
     scale = max(np.abs(e).max(), 1e-30)
     return float(np.abs(a - e).max() / scale)

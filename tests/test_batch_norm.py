@@ -287,7 +287,7 @@ S = jaxbn.init_state(3)
 @pytest.mark.parametrize(
     "kwargs,exc,pattern",
     [
-        (dict(x=np.arange(12).reshape(4, 3)), TypeError, r"x must be a floating-point array, got dtype int"),
+        (dict(x=np.arange(12).reshape(4, 3)), TypeError, r"x must be a floating-point or complex array, got dtype int"),
         (dict(axis=2), ValueError, r"axis=2 is out of range for x with 2 dimensions"),
         (dict(axis=(0, 0)), ValueError, r"names the same axis twice"),
         (dict(params={"scale": np.ones(4, np.float32)}), ValueError, r"params\['scale'\] has shape \(4,\), expected \(3,\)"),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn._checks import Layout
-from jaxbn._stats import count, mask_shape, stat_dtype
+from jaxbn._stats import abs_sq, count, mask_shape, real_dtype, stat_dtype
 from jaxbn.backends.base import Reductions
 from jaxbn.backends.context import platform
 
@@ -54,12 +54,12 @@ class _Xla(Reductions):
     def moments(self, x, mask, lay: Layout):
         red, b = lay.reduce_axes, lay.b
         dt = stat_dtype(x.dtype)
-        n = count(x.shape, mask, lay, dt)
+        n = count(x.shape, mask, lay, real_dtype(dt))
         if mask is None:
             (xa,) = private(x)  # each reduction reads x through its own barrier
             m = jnp.sum(xa.astype(dt), red) / max(math.prod(x.shape[a] for a in red), 1)
             xb, mb = private(x, m)
-            return n, m, jnp.sum(jnp.square(xb.astype(dt) - b(mb)), red)
+            return n, m, jnp.sum(abs_sq(xb.astype(dt) - b(mb)), red)
         k = mask_shape(mask, x.ndim)
         inner = tuple(a for a in red if k[a] == 1)
 
@@ -71,7 +71,7 @@ class _Xla(Reductions):
         xa, ka = private(x, mask)
         m = masked_sum(xa.astype(dt), ka) / jnp.maximum(n, 1)
         xb, kb, mb = private(x, mask, m)
-        return n, m, masked_sum(jnp.square(xb.astype(dt) - b(mb)), kb)
+        return n, m, masked_sum(abs_sq(xb.astype(dt) - b(mb)), kb)
 
     def dy_sums(self, x, dy, mean, lay: Layout):
         red, dt = lay.reduce_axes, mean.dtype
