@@ -5,7 +5,8 @@ r"""Trains an image classifier with synchronized BatchNorm, on one host or sever
   python train.py --config.norm=flax                   # A/B: Flax's BatchNorm
   python train.py --config configs/smoke.py --config.num_epochs=1 --workdir /tmp/smoke
 
-Running again with the same --workdir resumes from its latest checkpoint.
+Running again with the same --workdir resumes from its latest checkpoint (a finished run is
+evaluated and reported, nothing written). Faults end in one line, `train.py: error: ...`.
 
 Several processes (e.g. two on one machine; on several hosts use process 0's address):
 
@@ -46,10 +47,17 @@ flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every proc
 
 
 def _unknown_field(e: Exception):
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-    field = str(e.args[0] if e.args else e).strip("'\"")
-    sys.exit(f"train.py: error: unknown config field '{field}' in {overrides}: every --config.FIELD "
-             f"must exist in the config file's get_config()")
+    """Exits with ml_collections' message for an unknown --config.FIELD, unescaped: it arrives as
+    an AttributeError wrapping a KeyError whose text is "'field'\\nDid you mean ...?"."""
+    while isinstance(e, BaseException) and e.args:
+        e = e.args[0]  # the innermost message, not the repr() that str(KeyError) gives
+    field, _, hint = str(e).partition("\n")
+    field = field.strip().strip("'\"")
+    given = " ".join(a for a in sys.argv[1:] if a.startswith(f"--config.{field}")) or f"--config.{field}"
+    hint = " ".join(hint.split())
+    sys.exit(f"train.py: error: unknown config field '{field}' ({given}). "
+             + (f"{hint} " if hint else "")
+             + "Every --config.FIELD must be a field of the config file's get_config().")
 
 
 try:  # ml_collections applies overrides of the default config file here...
@@ -68,17 +76,45 @@ def _parse_flags(argv):
         _unknown_field(e)
 
 
-def _quiet_orbax(record) -> bool:
-    """Drops orbax's INFO chatter (a dozen lines per checkpoint); keeps its warnings."""
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+def _quiet(record) -> bool:
+    """Drops what means nothing to a user: orbax's INFO chatter (a dozen lines per checkpoint),
+    other libraries' tracebacks of a full disk (train.py: error: says it in one line), and JAX's
+    report that it found no TPU on a machine without one; keeps every other warning and jaxbn's
+    own lines."""
+    if "/orbax/" in record.pathname and (record.levelno < std_logging.WARNING
+                                         or "Given directory is read only" in record.getMessage()):
+        return False  # the latter: a finished run is evaluated without writing, on purpose
+    own = record.pathname.startswith(os.path.join(_HERE, "jaxbn", "")) or record.pathname == __file__
+    if record.levelno >= std_logging.WARNING and not own:
+        # orbax's and asyncio's reports of the writes that failed (from their threads, and when
+        # their futures are collected), each with a traceback.
+        from jaxbn.training.workdir import is_disk_full
+        if is_disk_full(Exception(record.getMessage())) or (
+                record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1])):
+            return False
+    if record.levelno < std_logging.WARNING and record.name.startswith("jax._src.xla_bridge"):
+        return not record.getMessage().startswith("Unable to initialize backend")
+    return True
+
+
+def _unraisable(unraisable) -> None:
+    """Drops the "Event loop is closed" errors that tensorstore's write callbacks raise after a
+    checkpoint save failed (e.g. on a full disk) and orbax closed its event loop; they say
+    nothing that train.py: error: does not, once per pending write. Others go to Python's hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    logging.get_absl_handler().addFilter(_quiet_orbax)
+    logging.get_absl_handler().addFilter(_quiet)
+    sys.unraisablehook = _unraisable
     # Before any other JAX call.
-    from jaxbn.training import checkpoints, config as config_lib, data, distributed, loop
+    from jaxbn.training import checkpoints, config as config_lib, datasets, distributed, loop, metrics
+    from jaxbn.training import workdir as workdir_lib
 
     distributed.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                        timeout_s=FLAGS.distributed_timeout, auto_detect=FLAGS.distributed)
@@ -89,10 +125,20 @@ def main(argv):
         workdir = os.path.join("runs", f"{name}_{config.norm}")
     try:
         _, summary = loop.train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, checkpoints.CheckpointError, data.DataError) as e:
+    except (config_lib.ConfigError, checkpoints.CheckpointError, datasets.DataError,
+            workdir_lib.WorkdirError, metrics.MetricsError) as e:
         sys.exit(f"train.py: error: {e}")
     if summary["stopped"]:
         print(f"Stopped at step {summary['step']} (config.stop_after_steps); run again to resume.")
+        return
+    if summary.get("already_finished"):
+        orig = summary["original"]
+        wall = "-" if orig.get("wall_time_s") is None else f"{orig['wall_time_s']:.1f} s"
+        print(f"Nothing to train: {os.path.abspath(workdir)} holds this run, finished after "
+              f"{summary['step']} steps (a new --workdir starts another). Its last checkpoint: test "
+              f"accuracy {100 * summary['test_accuracy']:.2f}% ({summary['test_examples']} test images); "
+              f"the run that trained it: wall time {wall}, {orig.get('images_per_sec') or 0:.0f} images/s, "
+              f"{orig.get('nonfinite_steps') or 0} non-finite step(s) skipped", flush=True)
         return
     print(f"Final test accuracy: {100 * summary['test_accuracy']:.2f}% ({summary['test_examples']} "
           f"test images) after {summary['step']} steps; wall time {summary['wall_time_s']:.1f} s; "

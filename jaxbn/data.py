@@ -1,21 +1,18 @@
 """Image-classification data: IDX (MNIST-format) files, TFDS, deterministic batching.
 
-The code lives in `jaxbn.training.data` (see its docstring); this module
-re-exports its public names.
+The code lives in `jaxbn.training.datasets` (loading) and `jaxbn.training.batches`
+(batching); see their docstrings. This module re-exports their public names.
 """
 
-from jaxbn.training.data import (
+from jaxbn.training.batches import eval_batches, eval_steps, steps_per_epoch, train_batches
+from jaxbn.training.datasets import (
     DEFAULT_DATA_DIR,
     DataError,
     Dataset,
-    eval_batches,
-    eval_steps,
     load_dataset,
     load_idx_dataset,
     load_tfds_dataset,
     read_idx,
-    steps_per_epoch,
-    train_batches,
 )
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 IDX files: `idx_bytes` encodes an array in the MNIST file format, `write_file`
 writes bytes (optionally gzipped), `write_idx_dir` writes a dataset directory
-that `jaxbn.training.data.load_idx_dataset` reads, and `write_small_idx` a
+that `jaxbn.training.datasets.load_idx_dataset` reads, and `write_small_idx` a
 small raw copy of Fashion-MNIST for training runs.
 """
 
@@ -56,9 +56,9 @@ def write_idx_dir(directory, splits, *, compress: bool = False, dotted: bool = F
 
 def write_small_idx(directory, num_train: int = 512, num_test: int = 300) -> str:
     """The first examples of Fashion-MNIST as raw IDX files (loads in milliseconds)."""
-    from jaxbn.training import data
+    from jaxbn.training import datasets
 
-    ds = data.load_dataset("fashion_mnist")
+    ds = datasets.load_dataset("fashion_mnist")
     splits = {name: {"image": split["image"][:n, ..., 0], "label": split["label"][:n].astype(np.uint8)}
               for name, split, n in (("train", ds.train, num_train), ("test", ds.test, num_test))}
     return write_idx_dir(directory, splits)

@@ -10,6 +10,7 @@ run continues exactly where the interrupted one would have been.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Optional
 
 import jax
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from jaxbn.training.config import saved_config_diffs
 from jaxbn.training.parallel import local_value
+from jaxbn.training.workdir import disk_full_error, is_disk_full
 
 __all__ = ["CheckpointError", "checkpoint_manager", "abstract_state", "save_checkpoint",
            "restore_checkpoint", "check_resume_config"]
@@ -27,18 +29,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored or does not belong to this run."""
 
 
-def checkpoint_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """An orbax manager for ``workdir/checkpoints``.
 
     Saves are synchronous (the state is donated to the next step right after)
     and atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it to
     ``<step>`` when complete, so a crash during a save leaves the previous
     checkpoint as the latest; leftover temporary directories are ignored and
-    removed when the manager is created.
+    removed when the manager is created. A `read_only` manager (to restore or
+    evaluate a finished run) creates and removes nothing.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
+        max_to_keep=None if read_only else max_to_keep, create=not read_only, enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only, read_only=read_only)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
@@ -52,9 +55,27 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, *, steps_p
     """Saves `state` (replicated global arrays) and the data position of `step`; waits."""
     meta = {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
             "steps_per_epoch": steps_per_epoch, "global_batch_size": global_batch_size, "seed": seed}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    kept = manager.latest_step()
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    except Exception as e:  # orbax/tensorstore raise ValueError(RESOURCE_EXHAUSTED...), OSError, ...
+        if not is_disk_full(e):
+            raise
+        directory = str(manager.directory)
+        _remove_partial(directory, step)  # gives the space back; a rerun would remove it anyway
+        raise disk_full_error(f"saving the checkpoint of step {step}", directory,
+                              os.path.dirname(directory), kept) from e
+
+
+def _remove_partial(directory: str, step: int) -> None:
+    """Removes orbax's temporary directories of `step` (what an interrupted save leaves)."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, target, step: Optional[int] = None):

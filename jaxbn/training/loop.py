@@ -1,6 +1,6 @@
 """The training loop: `train_and_evaluate(config, workdir)` and its small helpers.
 
-Trains `config.model` on an in-memory dataset (data.py), on every device of
+Trains `config.model` on an in-memory dataset (datasets.py, batches.py), on every device of
 every process in the parallel mode `config.parallel` (parallel.py), and
 evaluates it on the whole test set after each epoch.
 
@@ -15,7 +15,14 @@ Work directory layout::
 Running again in the same workdir resumes from the latest checkpoint and
 continues exactly where the interrupted run would have been: the data order of
 epoch ``e`` is a pure function of ``(seed, e)`` and the position in the epoch is
-``step % steps_per_epoch``.
+``step % steps_per_epoch``. A workdir that holds the run finished (its final
+record and last checkpoint) is only evaluated: nothing is trained or written
+(it may be read-only), and the summary carries the finished run's figures
+(``already_finished``, ``original``).
+
+Faults of the workdir raise `workdir.WorkdirError` with one clear message: an
+unwritable workdir before anything is compiled, a full disk naming the file, the
+free space and the last complete checkpoint (the rerun resumes from it).
 
 Two config fields exercise the loop's failure handling on purpose:
 ``stop_after_steps`` ends the run after that step as if it were interrupted
@@ -37,14 +44,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxbn.training import data as data_lib
+from jaxbn.training import batches, datasets
 from jaxbn.training.checkpoints import (CheckpointError, abstract_state, check_resume_config,
                                         checkpoint_manager, restore_checkpoint, save_checkpoint)
 from jaxbn.training.config import ConfigError, check_config, save_config
-from jaxbn.training.metrics import MetricsWriter, fmt, progress_bar, save_plot
+from jaxbn.training.metrics import MetricsWriter, fmt, progress_bar, read_jsonl, save_plot
 from jaxbn.training.parallel import local_value
 from jaxbn.training.state import TrainState
 from jaxbn.training.steps import Steps, evaluate, steps_for
+from jaxbn.training.workdir import check_writable, disk_full_error, is_disk_full
 
 __all__ = ["train_and_evaluate"]
 
@@ -66,6 +74,9 @@ class _Run:
     schedule: Any  # optax.Schedule
     process_index: int
     process_count: int
+    # The workdir's final metrics record when it holds this run finished (nothing to
+    # train, nothing written); None otherwise.
+    finished: Optional[Dict[str, Any]] = None
 
     @property
     def primary(self) -> bool:
@@ -131,22 +142,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
       `config.stop_after_steps` ended the run early).
 
     Raises:
-      ConfigError, data.DataError, CheckpointError: with a message naming the
+      ConfigError, datasets.DataError, CheckpointError: with a message naming the
       field, file or directory, and what to do.
     """
     t_start = time.perf_counter()
     run = _setup(config, os.path.abspath(workdir))
-    state, start = _restore_or_init(run)
-    logging.info("%s (%s BN, %s) on %d device(s) x %d process(es); %d steps of %d images, "
-                 "%d steps/epoch", config.model, config.norm, config.parallel, jax.device_count(),
-                 run.process_count, run.total_steps, config.global_batch_size, run.steps_per_epoch)
-    state, step, stopped, last_eval, throughput = _train(run, run.steps.to_device(state), start)
-    state = run.steps.from_device(state)
-    summary = _summary(run, state, step, stopped, throughput, t_start)
-    if not stopped:
-        _finish(run, state, summary, last_eval)
-    run.manager.close()
+    try:
+        state, start = _restore_or_init(run)
+        if run.finished is None:
+            logging.info("%s (%s BN, %s) on %d device(s) x %d process(es); %d steps of %d images, "
+                         "%d steps/epoch", config.model, config.norm, config.parallel, jax.device_count(),
+                         run.process_count, run.total_steps, config.global_batch_size, run.steps_per_epoch)
+        state, step, stopped, last_eval, throughput = _train(run, run.steps.to_device(state), start)
+        state = run.steps.from_device(state)
+        summary = _summary(run, state, step, stopped, throughput, t_start)
+        if not stopped:
+            _finish(run, state, summary, last_eval)
+    except OSError as e:  # save_config, save_plot, ...: checkpoints and metrics say it themselves
+        if not is_disk_full(e):
+            raise
+        path = e.filename or run.workdir
+        raise disk_full_error(f"writing {path}", path, run.workdir, run.manager.latest_step()) from e
+    finally:
+        _close(run.manager)
     return state, summary
+
+
+def _close(manager: ocp.CheckpointManager) -> None:
+    """Closes `manager`; after a failed save this may fail too, which must not hide the cause."""
+    try:
+        manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+        logging.warning("closing the checkpoint manager failed: %s: %s", type(e).__name__, str(e)[:200])
 
 
 def _subset(split, n: int, field: str):
@@ -167,21 +194,35 @@ def _setup(config, workdir: str) -> _Run:
     """Checks `config`, loads the data, opens the workdir and gets the compiled steps."""
     pidx, pcount = jax.process_index(), jax.process_count()
     check_config(config, jax.device_count(), pcount)
-    ds = data_lib.load_dataset(config.dataset)
+    ds = datasets.load_dataset(config.dataset)
     train_split = _subset(ds.train, config.train_examples, "train_examples")
     test_split = _subset(ds.test, config.test_examples, "test_examples")
-    spe = data_lib.steps_per_epoch(len(train_split["label"]), config.global_batch_size)
+    spe = batches.steps_per_epoch(len(train_split["label"]), config.global_batch_size)
     total = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * spe
     eval_bs = _eval_batch_size(config, jax.device_count())
 
-    os.makedirs(workdir, exist_ok=True)
-    manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep)
-    metrics = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), pidx == 0)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    finished = _finished_record(workdir, metrics_path, total)
+    if finished is None:  # a finished run is only evaluated: nothing is written
+        check_writable(workdir)  # before compiling or training anything
+    manager = checkpoint_manager(workdir, config.max_checkpoints_to_keep, read_only=finished is not None)
+    metrics = MetricsWriter(metrics_path, pidx == 0, manager.latest_step)
     if manager.latest_step() is not None:  # before compiling anything
         check_resume_config(config, os.path.join(workdir, "config.json"))
     steps, schedule = steps_for(config, ds.num_classes, ds.image_shape, spe, total)
     return _Run(config, workdir, train_split, test_split, spe, total, eval_bs, manager, metrics, steps,
-                schedule, pidx, pcount)
+                schedule, pidx, pcount, finished)
+
+
+def _finished_record(workdir: str, metrics_path: str, total: int) -> Optional[Dict[str, Any]]:
+    """The final record of metrics.jsonl when `workdir` holds a finished run of `total` steps
+    (that record, and the checkpoint of step `total`); None otherwise."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(total))):
+        return None
+    records = read_jsonl(metrics_path)
+    if records and records[-1].get("final") and records[-1]["step"] == total:
+        return records[-1]
+    return None
 
 
 def _restore_or_init(run: _Run) -> Tuple[TrainState, int]:
@@ -201,6 +242,10 @@ def _restore_or_init(run: _Run) -> Tuple[TrainState, int]:
             f"checkpoint {manager.directory}/{start} was written with steps_per_epoch="
             f"{meta.get('steps_per_epoch')} and global_batch_size={meta.get('global_batch_size')}, this "
             f"run has {spe} and {gbs}: use a new --workdir")
+    if run.finished is not None:
+        logging.info("%s holds this run, finished at step %d: nothing to train; evaluating its last "
+                     "checkpoint", run.workdir, start)
+        return state, start
     logging.info("Resuming from %s at step %d (epoch %d, step %d in epoch)", manager.directory, start,
                  start // spe, start % spe)
     run.metrics.truncate_after(start)  # records after the checkpoint will be written again
@@ -218,7 +263,7 @@ def _train(run: _Run, state: TrainState, start: int):
     with progress_bar(total, start, run.show_bar) as bar:
         while step < total and not stopped:
             epoch, in_epoch = divmod(step, spe)
-            for batch in data_lib.train_batches(
+            for batch in batches.train_batches(
                     run.train_split, global_batch_size=config.global_batch_size, seed=config.seed,
                     epoch=epoch, process_index=run.process_index, process_count=run.process_count,
                     start_step=in_epoch):
@@ -315,6 +360,16 @@ def _finish(run: _Run, state: TrainState, summary: Dict[str, Any],
         last_eval = evaluate(run.steps, run.steps.to_device(state), run.test_split,
                              global_batch_size=run.eval_batch_size)
     summary.update(last_eval)
+    if run.finished is not None:  # report the run that trained, not this one (which wrote nothing)
+        summary["already_finished"] = True
+        summary["original"] = {k: run.finished.get(k) for k in (
+            "wall_time_s", "train_time_s", "images_per_sec", "test_accuracy", "test_examples",
+            "nonfinite_steps")}
+        logging.info("Test accuracy %.2f%% on %d images at step %d (the finished run reported %s)",
+                     100 * summary["test_accuracy"], summary["test_examples"], summary["step"],
+                     "-" if run.finished.get("test_accuracy") is None
+                     else f"{100 * run.finished['test_accuracy']:.2f}%")
+        return
     for name, count in run.steps.traces.items():
         if count > 1:
             logging.warning("the %s step was traced %d times (expected once): shapes or shardings "

@@ -55,6 +55,10 @@ def create_learning_rate_schedule(config, steps_per_epoch: int, total_steps: int
     """Constant or cosine-decayed `config.learning_rate`, after a linear warm-up."""
     lr = config.learning_rate
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "cosine" and warmup == 0:
+        # What warmup_cosine_decay_schedule computes with no warm-up, without its
+        # zero-step linear piece (which optax logs about on every call).
+        return optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1), alpha=0.0)
     if config.lr_schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup,

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxbn.training import data as data_lib
+from jaxbn.training import batches
 from jaxbn.training.parallel import JIT, ParallelMode, get_mode, make_mesh
 from jaxbn.training.state import (TrainState, create_learning_rate_schedule, create_model,
                                   create_optimizer, create_train_state)
@@ -202,7 +202,7 @@ def evaluate(steps: Steps, state: TrainState, split, *, global_batch_size: int) 
       RuntimeError: the masked count differs from the split size (a bug).
     """
     pidx, pcount = jax.process_index(), jax.process_count()
-    sums = [steps.eval(state, steps.put_batch(b)) for b in data_lib.eval_batches(
+    sums = [steps.eval(state, steps.put_batch(b)) for b in batches.eval_batches(
         split, global_batch_size=global_batch_size, process_index=pidx, process_count=pcount)]
     sums = steps.fetch(sums)
     loss = sum(float(s["loss"]) for s in sums)
