@@ -17,6 +17,7 @@ from jaxbn.batch_norm import (
     normalize,
     running_moments,
 )
+from jaxbn.batch_renorm import batch_renorm, renorm_limits
 
 __version__ = "0.1.0"
 
@@ -35,9 +36,11 @@ __all__ = [
     "BatchNormState",
     "Moments",
     "batch_norm",
+    "batch_renorm",
     "init_params",
     "init_state",
     "moments",
     "normalize",
+    "renorm_limits",
     "running_moments",
 ]

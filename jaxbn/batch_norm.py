@@ -177,10 +177,43 @@ class _Config(NamedTuple):
     reductions: Reductions  # chosen once (jaxbn.backends.select), for forward and backward
 
 
+class Renorm(NamedTuple):
+    """Batch Renormalization's inputs to the training layer (no derivative flows into them)."""
+
+    mean: jax.Array  # (*F,) the running mean μ
+    var: jax.Array  # (*F,) the running variance (σ² = var + ε)
+    r_max: jax.Array  # () >= 1
+    d_max: jax.Array  # () >= 0
+
+
+def _renormalized(stats: Moments, scale, bias, renorm: Optional[Renorm], epsilon):
+    """The affine parameters that turn batch normalization into Batch Renormalization:
+
+        y = ((x - μ_B)/σ_B · r + d)·γ + β = (x - μ_B)/σ_B · (γ·r) + (β + γ·d)
+        r = clip(σ_B/σ, 1/r_max, r_max),   d = clip((μ_B - μ)/σ, -d_max, d_max)
+
+    with r and d constants (no gradient), σ_B² = var_B + ε, σ² = var + ε. Returns
+    ``(scale, bias, r, d)`` (the same scale and bias, r = d = None, without renorm).
+    """
+    if renorm is None:
+        return scale, bias, None, None
+    dt = stats.mean.dtype
+    sigma = jnp.sqrt(renorm.var.astype(dt) + epsilon)
+    r_max, d_max = jnp.asarray(renorm.r_max, dt), jnp.asarray(renorm.d_max, dt)
+    r = jnp.clip(jnp.sqrt(stats.var + epsilon) / sigma, 1 / r_max, r_max)
+    d = jnp.clip((stats.mean - renorm.mean.astype(dt)) / sigma, -d_max, d_max)
+    r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
+    scale_r = r if scale is None else scale * r
+    bias_d = d if scale is None else scale * d
+    return scale_r, bias_d if bias is None else bias + bias_d, r, d
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _train_normalize(cfg: _Config, x, scale, bias, mask):
-    """``(y, stats)``: x normalized with its global batch moments, which carry no derivative."""
+def _train_normalize(cfg: _Config, x, scale, bias, mask, renorm=None):
+    """``(y, stats)``: x normalized with its global batch moments, which carry no derivative
+    (renormalized, see `_renormalized`, when `renorm` is given)."""
     stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
+    scale, bias, _, _ = _renormalized(stats, scale, bias, renorm, cfg.epsilon)
     y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
     return y, jax.lax.stop_gradient(stats)
 
@@ -195,20 +228,25 @@ def _train_jvp(cfg: _Config, primals, tangents):
 
     — one all-reduce of [T1, T2] (`_tangent`). Reverse mode transposes this map with
     the hand-written `_tangent_transpose`: one all-reduce of [Σg, Σg·(x - μ)], each
-    device's sums from the statistics backend.
+    device's sums from the statistics backend. Batch Renormalization is the same map
+    with γ·r for γ and β + γ·d for β (r, d constants).
     """
-    x, scale, bias, mask = primals
-    tx, ts, tb, _ = tangents
+    x, scale, bias, mask, renorm = primals
+    tx, ts, tb, _, _ = tangents
     if jnp.iscomplexobj(x):
         # |x - μ|² is only real-linear in x: JAX's own derivative of the formula.
-        plain = lambda x, scale, bias: _train_normalize.fun(cfg, x, scale, bias, mask)  # noqa: E731
+        plain = lambda x, scale, bias: _train_normalize.fun(cfg, x, scale, bias, mask, renorm)  # noqa: E731
         return jax.jvp(plain, (x, scale, bias), (tx, ts, tb))
     # The statistics as residuals keep their dependence on x (for derivatives of higher order).
     stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
-    y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
-    present = (scale is not None, bias is not None, mask is not None)
+    scale_r, bias_d, r, d = _renormalized(stats, scale, bias, renorm, cfg.epsilon)
+    if renorm is not None:  # tangents of γ·r and β + γ·d
+        ts, tb = (None, tb) if scale is None else (ts * r, ts * d if tb is None else tb + ts * d)
+        tb = jnp.zeros_like(bias_d) if tb is None else tb
+    y = _normalize(x, stats.mean, stats.var, scale_r, bias_d, cfg.lay, cfg.epsilon, cfg.dtype)
+    present = (scale_r is not None, bias_d is not None, mask is not None)
     linear = [tx] + [t for t, p in zip((ts, tb), present) if p]
-    residual = [x, stats.mean, stats.var, stats.count] + [v for v, p in zip((scale, mask), present[::2]) if p]
+    residual = [x, stats.mean, stats.var, stats.count] + [v for v, p in zip((scale_r, mask), present[::2]) if p]
     y_dot = _TANGENT.bind(*linear, *residual, cfg=cfg, present=present)
     return (y, jax.lax.stop_gradient(stats)), (y_dot, jax.tree.map(jnp.zeros_like, stats))
 
@@ -408,6 +446,14 @@ def batch_norm(
       >>> int(state.count)
       1
     """
+    return _layer(x, params, state, training=training, axis=axis, momentum=momentum, epsilon=epsilon,
+                  axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, update_stats=update_stats,
+                  unbiased_running_var=unbiased_running_var, dtype=dtype)
+
+
+def _layer(x, params, state, *, training, axis, momentum, epsilon, axis_name, axis_index_groups, mask,
+           update_stats, unbiased_running_var, dtype, renorm_limits=None):
+    """`batch_norm`, and Batch Renormalization when `renorm_limits` = (r_max, d_max) is given."""
     x = checks.check_x(x)
     lay = checks.layout(x, axis)
     training = checks.check_bool("training", training)
@@ -431,7 +477,8 @@ def batch_norm(
         if eps is None:
             raise TypeError(f"epsilon must be a concrete number in training mode, got {epsilon!r}")
         cfg = _Config(lay, names, groups, eps, out_dtype, select(x, lay))
-        y, batch = _train_normalize(cfg, x, scale, bias, mask)
+        renorm = None if renorm_limits is None else Renorm(state.mean, state.var, *renorm_limits)
+        y, batch = _train_normalize(cfg, x, scale, bias, mask, renorm)
     else:
         y = _normalize(x, state.mean, state.var, scale, bias, lay, epsilon, out_dtype)
         if update_stats:

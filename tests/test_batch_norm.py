@@ -336,7 +336,8 @@ def test_init_errors():
 
 def test_api_conventions():
     assert sorted(jaxbn.__all__) == sorted(
-        ["BatchNormState", "Moments", "batch_norm", "init_params", "init_state", "moments", "normalize", "running_moments"]
+        ["BatchNormState", "Moments", "batch_norm", "batch_renorm", "init_params", "init_state", "moments", "normalize",
+         "renorm_limits", "running_moments"]
     )
     kw_only = {
         "batch_norm": {"training", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups", "mask", "update_stats", "unbiased_running_var", "dtype"},
