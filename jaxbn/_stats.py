@@ -80,7 +80,7 @@ def merge_rows(ns, means, m2s, xp=jnp):
     return n, mean, m2s.sum(0) + (ns * abs_sq(means - mean[None])).sum(0)
 
 
-def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]):
+def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple], batched: tuple = ()):
     """Merges per-device (n, mean, M2) over the named axes in one all-reduce.
 
     Each device writes its triple into its own row of a ``(devices, 3, *F)`` buffer
@@ -91,11 +91,26 @@ def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]
     cheaper but cancels catastrophically; a psum of shifted sums needs the shift
     first (a second collective). This is exact and costs one collective of
     ``3·devices·C`` floats.
+
+    Names in `batched` are ``vmap`` axes (not devices): there every "device" is one
+    example and a psum is a local sum, so they are merged first by exact sums
+    (count, count-weighted mean, then ``Σ M2_i + n_i·|mean_i - mean|²``), and only the
+    remaining names by the rows buffer — otherwise that buffer would have a row per
+    example of the whole batch, for every example.
     """
     if names is None:
         return n, mean, m2
     size = axis_size(names)
     check_groups(groups, size)
+    batched = tuple(a for a in names if a in batched) if groups is None else ()
+    if batched:
+        total = jax.lax.psum(n, batched)
+        merged = jax.lax.psum(n * mean, batched) / jnp.maximum(total, 1)
+        n, mean, m2 = total, merged, jax.lax.psum(m2 + n * abs_sq(mean - merged), batched)
+        names = tuple(a for a in names if a not in batched)
+        if not names:
+            return n, mean, m2
+        size = axis_size(names)
     idx = jax.lax.axis_index(names)
     cplx = jnp.iscomplexobj(mean)  # a complex mean travels as its real and imaginary parts
     rows = jnp.stack([n, mean.real, mean.imag, m2] if cplx else [n, mean, m2])

@@ -47,7 +47,7 @@ from jaxbn._linear_op import linear_op
 from jaxbn._stats import affine, merge_over_axes, stat_dtype
 from jaxbn._types import ArrayLike, Axis, AxisName, BatchNormState, Moments
 from jaxbn.backends import Reductions, select
-from jaxbn.backends.context import param_cotangent
+from jaxbn.backends.context import param_cotangent, vmap_axes
 
 __all__ = [
     "BatchNormState",
@@ -83,7 +83,7 @@ def init_state(num_features: Union[int, Sequence[int]]) -> BatchNormState:
 
 def _global_moments(x, mask, lay: checks.Layout, names, groups, reductions: Reductions) -> Moments:
     """Each device's (n, mean, M2) from the backend, merged over the named axes in one all-reduce."""
-    n, m, m2 = merge_over_axes(*reductions.moments(x, mask, lay), names, groups)
+    n, m, m2 = merge_over_axes(*reductions.moments(x, mask, lay), names, groups, vmap_axes(names))
     return Moments(mean=m, var=m2 / jnp.maximum(n, 1), count=n)
 
 

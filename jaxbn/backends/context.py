@@ -5,6 +5,7 @@
   mesh axis manual), ``"partial"`` (a ``shard_map`` with some axes left to XLA), or
   ``"spmd"`` (several devices and no manual axis: plain or sharded ``jit``, where
   XLA's SPMD partitioner splits the program).
+* `vmap_axes`: which named axes are ``vmap`` axes (a psum there is a local sum).
 * `varying` / `vary_like`: shard_map's varying-axes types of values, which the
   custom calls' results do not carry by themselves.
 * `param_cotangent`: a parameter's cotangent reduced to what JAX's autodiff would
@@ -20,7 +21,7 @@ from typing import Optional
 
 import jax
 
-__all__ = ["kind", "platform", "varying", "vary_like", "param_cotangent", "custom_partitioning",
+__all__ = ["kind", "platform", "vmap_axes", "varying", "vary_like", "param_cotangent", "custom_partitioning",
            "partitioning_enabled"]
 
 _partitioning: bool = True
@@ -35,6 +36,14 @@ def kind() -> str:
     if not any(manual):
         return "spmd"
     return "manual" if all(manual) else "partial"
+
+
+def vmap_axes(names) -> tuple:
+    """Those of the named axes that are ``vmap`` axes, not mesh (device) axes."""
+    if not names:
+        return ()
+    mesh = set(jax.sharding.get_abstract_mesh().axis_names)
+    return tuple(a for a in names if a not in mesh)
 
 
 def platform() -> str:
