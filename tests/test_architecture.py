@@ -212,3 +212,16 @@ def test_chan_merge_rows_is_exact_in_float64_on_the_host():
     whole = np.concatenate(parts)
     assert isinstance(mean, np.floating) and n == whole.size
     assert abs(mean - whole.mean()) / 1e8 < 1e-15 and abs(m2 / n - whole.var()) / whole.var() < 1e-9
+
+
+def test_vmap_axes_are_merged_by_local_sums():
+    """Under vmap every example is a participant: no per-example buffer of the whole batch."""
+    b = 48
+    x = np.random.default_rng(1).normal(size=(b, 5, 3)).astype(np.float32)
+    f = jax.vmap(lambda x: jaxbn.moments(x, axis=-1, axis_name="b"), axis_name="b")
+    jaxpr = jax.make_jaxpr(f)(x)
+    shapes = [v.aval.shape for e in jaxpr.eqns for v in e.outvars if hasattr(v.aval, "shape")]
+    assert not [s for s in shapes if list(s).count(b) > 1], shapes
+    m = f(x)
+    ref_mean, ref_var = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).var(0)
+    assert rel_err(m.mean[0], ref_mean) < 1e-5 and rel_err(m.var[7], ref_var) < 1e-5
