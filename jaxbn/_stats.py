@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbn._checks import Layout, axis_size, check_groups
 
@@ -80,17 +81,53 @@ def merge_rows(ns, means, m2s, xp=jnp):
     return n, mean, m2s.sum(0) + (ns * abs_sq(means - mean[None])).sum(0)
 
 
-def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple], batched: tuple = ()):
+def _rows(v, names: tuple, size: int):
+    """Every device's `v`, stacked: ``(devices, *v.shape)`` on every device, one all-reduce
+    (each device writes its own row of a buffer of zeros, and the buffer is summed)."""
+    idx = jax.lax.axis_index(names)
+    onehot = (jnp.arange(size) == idx).reshape((size,) + (1,) * v.ndim)
+    return jax.lax.psum(jnp.where(onehot, v[None], jnp.zeros((), v.dtype)), names)
+
+
+def _members(names: tuple, groups: tuple, size: int) -> jax.Array:
+    """``(devices,)`` booleans: which devices are in this device's group."""
+    gid = np.zeros(size, np.int32)
+    for i, g in enumerate(groups):
+        gid[list(g)] = i
+    gid = jnp.asarray(gid)
+    return gid == gid[jax.lax.axis_index(names)]
+
+
+def group_sum(v, names: Optional[tuple], groups: Optional[tuple], whole: bool = False):
+    """Σ of `v` over the devices of `names` (over this device's group when `groups` are
+    given), one all-reduce; with `whole`, ``(that sum, the sum over every device)``.
+    Groups are served by a buffer of every device's row, from which each device adds
+    up its group's rows: the same one collective under ``shard_map`` (where
+    ``psum(axis_index_groups=...)`` is not implemented) and pmap."""
+    if names is None or groups is None:
+        total = v if names is None else jax.lax.psum(v, names)
+        return (total, total) if whole else total
+    size = axis_size(names)
+    check_groups(groups, size)
+    rows = _rows(v, names, size)
+    keep = _members(names, groups, size).reshape((size,) + (1,) * v.ndim)
+    group = jnp.sum(jnp.where(keep, rows, jnp.zeros((), v.dtype)), 0)
+    return (group, jnp.sum(rows, 0)) if whole else group
+
+
+def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple], batched: tuple = (),
+                    whole: bool = False):
     """Merges per-device (n, mean, M2) over the named axes in one all-reduce.
 
     Each device writes its triple into its own row of a ``(devices, 3, *F)`` buffer
     of zeros and the buffer is summed across devices (an all-gather expressed as a
     psum, so the result is replicated: ``shard_map(..., out_specs=P())`` accepts it),
-    then `merge_rows` combines the rows. Rows of empty shards and of devices outside
-    the group have n_i = 0 and add nothing. A single psum of ``[Σx, Σx²]`` would be
-    cheaper but cancels catastrophically; a psum of shifted sums needs the shift
-    first (a second collective). This is exact and costs one collective of
-    ``3·devices·C`` floats.
+    then `merge_rows` combines the rows — with `groups`, only the rows of this
+    device's group. Rows of empty shards have n_i = 0 and add nothing. A single psum
+    of ``[Σx, Σx²]`` would be cheaper but cancels catastrophically; a psum of shifted
+    sums needs the shift first (a second collective). This is exact and costs one
+    collective of ``3·devices·C`` floats. With `whole`, returns ``(group triple, whole
+    triple)``: the merge of every device's rows, from the same buffer.
 
     Names in `batched` are ``vmap`` axes (not devices): there every "device" is one
     example and a psum is a local sum, so they are merged first by exact sums
@@ -98,8 +135,11 @@ def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]
     remaining names by the rows buffer — otherwise that buffer would have a row per
     example of the whole batch, for every example.
     """
-    if names is None:
-        return n, mean, m2
+    out = ((n, mean, m2),) * 2 if names is None else _merge_named(n, mean, m2, names, groups, batched)
+    return out if whole else out[0]
+
+
+def _merge_named(n, mean, m2, names, groups, batched):
     size = axis_size(names)
     check_groups(groups, size)
     batched = tuple(a for a in names if a in batched) if groups is None else ()
@@ -109,16 +149,17 @@ def merge_over_axes(n, mean, m2, names: Optional[tuple], groups: Optional[tuple]
         n, mean, m2 = total, merged, jax.lax.psum(m2 + n * abs_sq(mean - merged), batched)
         names = tuple(a for a in names if a not in batched)
         if not names:
-            return n, mean, m2
+            return (n, mean, m2), (n, mean, m2)
         size = axis_size(names)
-    idx = jax.lax.axis_index(names)
     cplx = jnp.iscomplexobj(mean)  # a complex mean travels as its real and imaginary parts
-    rows = jnp.stack([n, mean.real, mean.imag, m2] if cplx else [n, mean, m2])
-    onehot = (jnp.arange(size) == idx).reshape((size,) + (1,) * rows.ndim)
-    buf = jnp.where(onehot, rows[None], jnp.zeros((), rows.dtype))
-    buf = jax.lax.psum(buf, names, axis_index_groups=groups)
-    means = jax.lax.complex(buf[:, 1], buf[:, 2]) if cplx else buf[:, 1]
-    return merge_rows(buf[:, 0], means, buf[:, -1])
+    buf = _rows(jnp.stack([n, mean.real, mean.imag, m2] if cplx else [n, mean, m2]), names, size)
+    ns, means, m2s = buf[:, 0], jax.lax.complex(buf[:, 1], buf[:, 2]) if cplx else buf[:, 1], buf[:, -1]
+    everyone = merge_rows(ns, means, m2s)
+    if groups is None:
+        return everyone, everyone
+    keep = _members(names, groups, size).reshape((size,) + (1,) * n.ndim)
+    zero = jnp.zeros((), ns.dtype)
+    return merge_rows(jnp.where(keep, ns, zero), means, jnp.where(keep, m2s, zero)), everyone
 
 
 def affine(mean, var, scale, bias, epsilon, dtype):

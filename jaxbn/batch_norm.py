@@ -44,7 +44,7 @@ from jax.interpreters import ad
 
 from jaxbn import _checks as checks
 from jaxbn._linear_op import linear_op
-from jaxbn._stats import affine, merge_over_axes, stat_dtype
+from jaxbn._stats import affine, group_sum, merge_over_axes, merge_rows, stat_dtype
 from jaxbn._types import ArrayLike, Axis, AxisName, BatchNormState, Moments
 from jaxbn.backends import Reductions, select
 from jaxbn.backends.context import param_cotangent, vmap_axes
@@ -170,11 +170,32 @@ def _normalize(x, mean, var, scale, bias, lay, epsilon, out_dtype=None):
 
 class _Config(NamedTuple):
     lay: checks.Layout
-    names: Optional[tuple]
-    groups: Optional[tuple]
+    names: Optional[tuple]  # the axes the normalizing statistics (and the gradient's sums) span
+    groups: Optional[tuple]  # device groups of `names` that keep separate statistics
     epsilon: float
     dtype: Any  # output dtype
     reductions: Reductions  # chosen once (jaxbn.backends.select), for forward and backward
+    virtual: Optional[str] = None  # virtual batches: "local" (groups within a device) or "span"
+    whole_names: Optional[tuple] = None  # "local": the axes the running statistics span
+
+
+def _as_moments(n, m, m2) -> Moments:
+    return Moments(mean=m, var=m2 / jnp.maximum(n, 1), count=n)
+
+
+def _batch_moments(cfg: _Config, x, mask) -> tuple[Moments, Moments]:
+    """(the statistics x is normalized with, those the running averages take) in one all-reduce.
+
+    They differ with virtual batches only: each group of examples is normalized with its
+    own statistics, the running averages take the whole global batch's (Chan's merge of
+    the groups, not an average of their variances).
+    """
+    n, m, m2 = cfg.reductions.moments(x, mask, cfg.lay)
+    if cfg.virtual == "local":  # the groups are axis 0 of the statistics, on each device
+        whole = merge_over_axes(*merge_rows(n, m, m2), cfg.whole_names, None, vmap_axes(cfg.whole_names))
+        return _as_moments(n, m, m2), _as_moments(*whole)
+    group, everyone = merge_over_axes(n, m, m2, cfg.names, cfg.groups, vmap_axes(cfg.names), whole=True)
+    return _as_moments(*group), _as_moments(*(everyone if cfg.virtual == "span" else group))
 
 
 class Renorm(NamedTuple):
@@ -212,10 +233,10 @@ def _renormalized(stats: Moments, scale, bias, renorm: Optional[Renorm], epsilon
 def _train_normalize(cfg: _Config, x, scale, bias, mask, renorm=None):
     """``(y, stats)``: x normalized with its global batch moments, which carry no derivative
     (renormalized, see `_renormalized`, when `renorm` is given)."""
-    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
+    stats, running = _batch_moments(cfg, x, mask)
     scale, bias, _, _ = _renormalized(stats, scale, bias, renorm, cfg.epsilon)
     y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
-    return y, jax.lax.stop_gradient(stats)
+    return y, jax.lax.stop_gradient(running)
 
 
 @_train_normalize.defjvp
@@ -238,7 +259,7 @@ def _train_jvp(cfg: _Config, primals, tangents):
         plain = lambda x, scale, bias: _train_normalize.fun(cfg, x, scale, bias, mask, renorm)  # noqa: E731
         return jax.jvp(plain, (x, scale, bias), (tx, ts, tb))
     # The statistics as residuals keep their dependence on x (for derivatives of higher order).
-    stats = _global_moments(x, mask, cfg.lay, cfg.names, cfg.groups, cfg.reductions)
+    stats, running = _batch_moments(cfg, x, mask)
     scale_r, bias_d, r, d = _renormalized(stats, scale, bias, renorm, cfg.epsilon)
     if renorm is not None:  # tangents of γ·r and β + γ·d
         ts, tb = (None, tb) if scale is None else (ts * r, ts * d if tb is None else tb + ts * d)
@@ -248,7 +269,7 @@ def _train_jvp(cfg: _Config, primals, tangents):
     linear = [tx] + [t for t, p in zip((ts, tb), present) if p]
     residual = [x, stats.mean, stats.var, stats.count] + [v for v, p in zip((scale_r, mask), present[::2]) if p]
     y_dot = _TANGENT.bind(*linear, *residual, cfg=cfg, present=present)
-    return (y, jax.lax.stop_gradient(stats)), (y_dot, jax.tree.map(jnp.zeros_like, stats))
+    return (y, jax.lax.stop_gradient(running)), (y_dot, jax.tree.map(jnp.zeros_like, running))
 
 
 def _unpack(args, present):
@@ -273,8 +294,7 @@ def _tangent(*args, cfg: _Config, present):
     t = tx.astype(dt)
     tm = t if mask is None else jnp.where(mask, t, 0)
     sums = jnp.stack([jnp.sum(tm, lay.reduce_axes), jnp.sum(tm * xc, lay.reduce_axes)])
-    if cfg.names is not None:
-        sums = jax.lax.psum(sums, cfg.names, axis_index_groups=cfg.groups)
+    sums = group_sum(sums, cfg.names, cfg.groups)
     inv = jax.lax.rsqrt(var + cfg.epsilon)
     a = inv if scale is None else inv * scale.astype(dt)
     r = 1.0 / jnp.maximum(count, 1)
@@ -300,9 +320,15 @@ def _tangent_transpose(g, *args, cfg: _Config, present):
     _, _, _, x, mean, var, count, scale, mask = _unpack(args, present)
     lay, dt = cfg.lay, mean.dtype
     s = jnp.stack(cfg.reductions.dy_sums(x, g, mean, lay))
-    s_global = s if cfg.names is None else jax.lax.psum(s, cfg.names, axis_index_groups=cfg.groups)
-    s1, s2 = s_global[0], s_global[1]
     inv = jax.lax.rsqrt(var + cfg.epsilon)
+    if cfg.groups is None:
+        s_global = group_sum(s, cfg.names, None)
+        s1, s2 = s_global[0], s_global[1]
+        dbias_all, dscale_all = s1, s2 * inv
+    else:  # each group has its own σ: a shared parameter takes Σ over devices of S2·(1/σ)
+        s_group, s_all = group_sum(jnp.concatenate([s, s[1:] * inv]), cfg.names, cfg.groups, whole=True)
+        s1, s2 = s_group[0], s_group[1]
+        dbias_all, dscale_all = s_all[0], s_all[2]
     a = inv if scale is None else inv * scale.astype(dt)
     r = 1.0 / jnp.maximum(count, 1)
     c1, c2 = a * s1 * r, a * inv * inv * s2 * r
@@ -313,9 +339,10 @@ def _tangent_transpose(g, *args, cfg: _Config, present):
     tx, ts, tb = args[0], args[1] if present[0] else None, args[1 + present[0]] if present[1] else None
     out = [dx if ad.is_undefined_primal(tx) else None]
     if present[0]:
-        out.append(param_cotangent(ts.aval, s[1] * inv, s2 * inv, x, cfg.names) if ad.is_undefined_primal(ts) else None)
+        out.append(param_cotangent(ts.aval, s[1] * inv, dscale_all, x, cfg.names)
+                   if ad.is_undefined_primal(ts) else None)
     if present[1]:
-        out.append(param_cotangent(tb.aval, s[0], s1, x, cfg.names) if ad.is_undefined_primal(tb) else None)
+        out.append(param_cotangent(tb.aval, s[0], dbias_all, x, cfg.names) if ad.is_undefined_primal(tb) else None)
     return out
 
 
@@ -389,6 +416,7 @@ def batch_norm(
     update_stats: Optional[bool] = None,
     unbiased_running_var: bool = False,
     dtype: Any = None,
+    virtual_batch_size: Optional[int] = None,
 ) -> tuple[jax.Array, BatchNormState]:
     """One BatchNorm layer: normalize `x` and advance the running statistics.
 
@@ -428,6 +456,11 @@ def batch_norm(
       unbiased_running_var: store the running variance with Bessel's correction
         over the global count (PyTorch's convention).
       dtype: dtype of y (default: x's dtype). The arithmetic is float32 either way.
+      virtual_batch_size: in training, normalize each group of this many consecutive
+        examples of the global batch (axis 0; under `axis_name`, the devices' shards
+        in axis-index order) with its own statistics; the running averages take the
+        whole batch's. It must divide the global batch and either divide each
+        device's batch or be a multiple of it.
 
     Returns:
       ``(y, new_state)``: y in x's shape and `dtype`; `new_state` like `state`
@@ -448,11 +481,56 @@ def batch_norm(
     """
     return _layer(x, params, state, training=training, axis=axis, momentum=momentum, epsilon=epsilon,
                   axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask, update_stats=update_stats,
-                  unbiased_running_var=unbiased_running_var, dtype=dtype)
+                  unbiased_running_var=unbiased_running_var, dtype=dtype, virtual_batch_size=virtual_batch_size)
+
+
+def _virtual_batches(x, scale, bias, mask, renorm, lay, names, groups, eps, out_dtype, size):
+    """Training with virtual batches of `size` examples: ``(y, whole-batch moments)``.
+
+    The global batch along axis 0 (under `names`, the devices' shards concatenated in
+    axis-index order) is split into consecutive groups of `size` examples, each
+    normalized with its own statistics. Groups inside a device's shard are its
+    statistics' leading axis (x viewed as ``(groups, size, ...)``: no collective for
+    them); a group spanning k devices is k consecutive devices' merge (device groups,
+    the same single all-reduce). The running averages take the whole batch's moments.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise TypeError(f"virtual_batch_size must be a positive int or None, got {size!r} ({type(size).__name__})")
+    if 0 in lay.feature_axes:
+        raise ValueError(f"virtual_batch_size needs axis 0 to be the batch axis, but axis={lay.feature_axes} "
+                         "includes axis 0")
+    if groups is not None:
+        raise ValueError("virtual_batch_size and axis_index_groups cannot be combined: pass one of them")
+    local = x.shape[0]
+    devices = checks.axis_size(names) if names else 1
+    total = devices * local
+    if total % size:
+        raise ValueError(f"virtual_batch_size={size} must divide the global batch of {total} examples "
+                         f"({devices} device(s) x {local})")
+    if size > local and size % local == 0:  # each group spans k consecutive devices
+        k = size // local
+        spans = tuple(tuple(range(i * k, (i + 1) * k)) for i in range(devices // k))
+        cfg = _Config(lay, names, spans, eps, out_dtype, select(x, lay), virtual="span")
+        return _train_normalize(cfg, x, scale, bias, mask, renorm)
+    if local % size:
+        raise ValueError(f"virtual_batch_size={size} does not line up with the {local} examples each device "
+                         f"holds: it must divide them or be a multiple of them")
+    g = local // size
+    xg = jnp.reshape(x, (g, size) + x.shape[1:])
+    lay_g = checks.layout(xg, (0,) + tuple(a + 1 for a in lay.feature_axes))
+    if mask is not None:
+        m = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+        mask = m[None] if m.shape[0] == 1 else jnp.reshape(m, (g, size) + m.shape[1:])
+    per_group = lambda v: None if v is None else jnp.broadcast_to(v, lay_g.feature_shape)  # noqa: E731
+    if renorm is not None:
+        renorm = renorm._replace(mean=per_group(renorm.mean), var=per_group(renorm.var))
+    cfg = _Config(lay_g, None, None, eps, out_dtype, select(xg, lay_g), virtual="local", whole_names=names)
+    y, whole = _train_normalize(cfg, xg, per_group(scale), per_group(bias), mask, renorm)
+    return jnp.reshape(y, x.shape), whole
 
 
 def _layer(x, params, state, *, training, axis, momentum, epsilon, axis_name, axis_index_groups, mask,
-           update_stats, unbiased_running_var, dtype, renorm_limits=None):
+           update_stats, unbiased_running_var, dtype, renorm_limits=None, virtual_batch_size=None):
     """`batch_norm`, and Batch Renormalization when `renorm_limits` = (r_max, d_max) is given."""
     x = checks.check_x(x)
     lay = checks.layout(x, axis)
@@ -476,9 +554,13 @@ def _layer(x, params, state, *, training, axis, momentum, epsilon, axis_name, ax
         eps = checks.concrete(epsilon)
         if eps is None:
             raise TypeError(f"epsilon must be a concrete number in training mode, got {epsilon!r}")
-        cfg = _Config(lay, names, groups, eps, out_dtype, select(x, lay))
         renorm = None if renorm_limits is None else Renorm(state.mean, state.var, *renorm_limits)
-        y, batch = _train_normalize(cfg, x, scale, bias, mask, renorm)
+        if virtual_batch_size is None:
+            cfg = _Config(lay, names, groups, eps, out_dtype, select(x, lay))
+            y, batch = _train_normalize(cfg, x, scale, bias, mask, renorm)
+        else:
+            y, batch = _virtual_batches(x, scale, bias, mask, renorm, lay, names, groups, eps, out_dtype,
+                                        virtual_batch_size)
     else:
         y = _normalize(x, state.mean, state.var, scale, bias, lay, epsilon, out_dtype)
         if update_stats:

@@ -61,6 +61,7 @@ def batch_renorm(
     update_stats: Optional[bool] = None,
     unbiased_running_var: bool = False,
     dtype: Any = None,
+    virtual_batch_size: Optional[int] = None,
 ) -> tuple[jax.Array, BatchNormState]:
     """One Batch Renormalization layer: see the module docstring for the math.
 
@@ -84,7 +85,7 @@ def batch_renorm(
     return _core._layer(x, params, state, training=training, axis=axis, momentum=momentum, epsilon=epsilon,
                         axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
                         update_stats=update_stats, unbiased_running_var=unbiased_running_var, dtype=dtype,
-                        renorm_limits=(r_max, d_max))
+                        renorm_limits=(r_max, d_max), virtual_batch_size=virtual_batch_size)
 
 
 def renorm_limits(

@@ -340,7 +340,7 @@ def test_api_conventions():
          "renorm_limits", "running_moments"]
     )
     kw_only = {
-        "batch_norm": {"training", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups", "mask", "update_stats", "unbiased_running_var", "dtype"},
+        "batch_norm": {"training", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups", "mask", "update_stats", "unbiased_running_var", "dtype", "virtual_batch_size"},
         "moments": {"axis", "axis_name", "axis_index_groups", "mask"},
         "normalize": {"axis", "epsilon"},
         "running_moments": {"momentum", "unbiased_running_var"},
