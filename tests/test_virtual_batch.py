@@ -181,3 +181,25 @@ def test_batch_renorm_with_virtual_batches_and_errors(ndev):
                       out_specs=P("d"))
     with pytest.raises(ValueError, match=r"virtual_batch_size=4 does not line up with the 6 examples each device"):
         f(x6)
+
+
+def test_axis_index_groups_under_shard_map(ndev):
+    """Device groups (the same machinery as spanning virtual batches) work under shard_map too."""
+    x, scale, bias, w, state, _ = _inputs(False)
+    groups = [[0, 2, 4, 6], [1, 3, 5, 7]]
+    params = {"scale": scale, "bias": bias}
+
+    def body(x, p, w):
+        loss = lambda x, p: jnp.sum(w * jaxbn.batch_norm(x, p, state, training=True, axis_name="d",  # noqa: E731
+                                                         axis_index_groups=groups)[0])
+        y = jaxbn.batch_norm(x, p, state, training=True, axis_name="d", axis_index_groups=groups)[0]
+        return y, jax.grad(loss)(x, p)
+
+    f = jax.shard_map(body, mesh=_mesh(), in_specs=(P("d"), P(), P("d")), out_specs=(P("d"), P("d")))
+    y, dx = jax.jit(f)(x, params, w)
+    shards = x.reshape((NDEV, LOCAL) + SHAPE[1:])
+    for g in groups:
+        xg = np.concatenate([shards[i] for i in g])
+        y_ref = np_batch_norm(xg, scale, bias)[0]
+        got = np.concatenate([np.asarray(y).reshape(shards.shape)[i] for i in g])
+        assert rel_err(got, y_ref) < 1e-5
