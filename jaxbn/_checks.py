@@ -225,6 +225,14 @@ def check_groups(groups: Optional[tuple], size: int) -> None:
         )
 
 
+class UnboundAxisNameError(ValueError, NameError):
+    """`axis_name` names an axis that is not bound (no enclosing pmap/shard_map/vmap).
+
+    Both a `ValueError`, as the other argument checks raise, and a `NameError`, as
+    Flax's BatchNorm and `jax.lax.psum` raise (``except NameError`` keeps working).
+    """
+
+
 def axis_size(names: tuple) -> int:
     """Total size of the named axes; a clear error when one is not bound."""
     size = 1
@@ -232,7 +240,7 @@ def axis_size(names: tuple) -> int:
         try:
             size *= jax.lax.axis_size(n)
         except NameError as e:
-            raise ValueError(
+            raise UnboundAxisNameError(
                 f"axis_name={n!r} is not bound here: call this inside pmap, shard_map or vmap "
                 f"with that axis name, or pass axis_name=None for per-device statistics ({e})"
             ) from None
@@ -243,7 +251,7 @@ def is_bound(axis_name: AxisName) -> bool:
     """Whether every named axis is bound in the current trace."""
     try:
         axis_size(axis_names(axis_name) or ())
-    except ValueError:
+    except UnboundAxisNameError:
         return False
     return True
 

@@ -19,15 +19,17 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import dtypes as _dtypes
+from flax.linen.normalization import BatchNorm as _FlaxBatchNorm
 
-from jaxbn._adapter import apply_batch_norm
+from jaxbn._adapter import UnboundAxisNameError, apply_batch_norm, as_stat, floating, stored
 from jaxbn._checks import check_x, is_bound, layout
 from jaxbn._types import BatchNormState
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "UnboundAxisNameError"]
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(_FlaxBatchNorm):
     """Batch normalization with exact cross-device statistics (Flax Linen).
 
     Training (``use_running_average=False``), with μ_B, σ²_B the moments over
@@ -38,10 +40,13 @@ class BatchNorm(nn.Module):
 
     Evaluation (``use_running_average=True``) normalizes with ``batch_stats``.
 
-    Attributes are Flax's (see `flax.linen.BatchNorm`), with these differences:
+    A subclass of `flax.linen.BatchNorm` (``isinstance(m, nn.BatchNorm)`` holds,
+    so code that finds BatchNorm layers by class finds these too) with the same
+    fields, call signature, variables, dtypes and output dtype. Differences:
       use_fast_variance: accepted for compatibility; jaxbn always uses the exact
         two-pass variance (it costs no extra collective).
-      force_float32_reductions: accepted; statistics are always float32.
+      force_float32_reductions: accepted; statistics are always computed in
+        float32 (False only stores ``batch_stats`` in `param_dtype`, as Flax).
       momentum: may also be None for PyTorch's cumulative average, which adds a
         ``batch_stats/count`` variable (absent otherwise, to keep Flax's tree).
       update_stats: jaxbn extra; False normalizes with batch statistics without
@@ -52,7 +57,9 @@ class BatchNorm(nn.Module):
         (frozen BN for fine-tuning, together with ``use_running_average=True``).
 
     During ``init`` the running statistics are not updated and an `axis_name`
-    that is not bound is not required (flax#1250), as in Flax.
+    that is not bound is not required (flax#1250), as in Flax. Outside ``init``
+    an unbound `axis_name` raises `UnboundAxisNameError`, a
+    `NameError` (as Flax's) and a `ValueError`.
     """
 
     use_running_average: Optional[bool] = None
@@ -78,7 +85,8 @@ class BatchNorm(nn.Module):
         """Normalizes `x`; see the class docstring.
 
         Args:
-          x: the input, any floating dtype.
+          x: the input: any floating dtype, or an integer or boolean one (promoted
+            with float32, as Flax).
           use_running_average: overrides the attribute of the same name.
           mask: boolean, broadcastable to x; False entries do not count towards
             the statistics.
@@ -88,10 +96,12 @@ class BatchNorm(nn.Module):
           promoted, as Flax).
         """
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        x = check_x(x)
+        x_in = jnp.asarray(x)
+        x = check_x(floating(x_in))
         fshape = layout(x, self.axis).feature_shape
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
+        stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), fshape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), fshape)
         count = None
         if self.momentum is None:
             count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
@@ -105,17 +115,19 @@ class BatchNorm(nn.Module):
         if initializing and axis_name is not None and not is_bound(axis_name):
             axis_name = None
         state = BatchNormState(
-            mean=ra_mean.value,
-            var=ra_var.value,
+            mean=as_stat(ra_mean.value),
+            var=as_stat(ra_var.value),
             count=count.value if count is not None else jnp.zeros((), jnp.int32),
         )
+        # Flax's output dtype: `dtype`, else x's and the parameters' promoted (inexact).
+        dtype = _dtypes.canonicalize_dtype(x_in, *params.values(), dtype=self.dtype)
         y, new = apply_batch_norm(
             self, x, params, state, use_running_average=use_running_average, axis_name=axis_name, mask=mask,
-            allow_update=not initializing,
+            dtype=dtype, allow_update=not initializing,
         )
         if new is not None:
-            ra_mean.value = new.mean
-            ra_var.value = new.var
+            ra_mean.value = stored(new.mean, ra_mean.value)
+            ra_var.value = stored(new.var, ra_var.value)
             if count is not None:
                 count.value = new.count
         return y

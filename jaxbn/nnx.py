@@ -1,12 +1,11 @@
 """Flax NNX adapter: a drop-in replacement for `flax.nnx.BatchNorm`.
 
 Same constructor, the same `nnx.Param` (``scale``, ``bias``) and `nnx.BatchStat`
-(``mean``, ``var``) variables, ``model.train()`` / ``model.eval()`` and
-``nnx.view(model, use_running_average=...)``. Statistics come from
-`jaxbn.batch_norm`; the module only owns variables.
+(``mean``, ``var``) variables, the same output dtype (`promote_dtype`),
+``model.train()`` / ``model.eval()``, ``nnx.view(model, use_running_average=...)``
+and ``nnx.view_info``. Statistics come from `jaxbn.batch_norm`; the module only
+owns variables.
 """
-
-from __future__ import annotations
 
 import typing as tp
 from types import MappingProxyType
@@ -14,15 +13,17 @@ from types import MappingProxyType
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes as _dtypes
+from flax.nnx.nn.normalization import BatchNorm as _FlaxBatchNorm
 
-from jaxbn._adapter import apply_batch_norm
+from jaxbn._adapter import UnboundAxisNameError, apply_batch_norm, as_stat, floating
 from jaxbn._checks import as_shape
 from jaxbn._types import BatchNormState
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "UnboundAxisNameError"]
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(_FlaxBatchNorm):
     """Batch normalization with exact cross-device statistics (Flax NNX).
 
     The math is `jaxbn.batch_norm`'s:
@@ -33,11 +34,20 @@ class BatchNorm(nnx.Module):
     with μ, σ² the batch moments (every device of `axis_name`, unmasked entries)
     in training and the `BatchStat` running averages in evaluation.
 
-    Arguments are `flax.nnx.BatchNorm`'s; `use_fast_variance` and
-    `promote_dtype` are accepted for compatibility (statistics are always the exact
-    two-pass float32 ones). jaxbn extras: ``momentum=None`` (cumulative average,
-    adds a ``count`` BatchStat), `update_stats`, `unbiased_running_var` and
-    `trainable_params` (see `jaxbn.linen.BatchNorm`).
+    A subclass of `flax.nnx.BatchNorm` (``isinstance(m, nnx.BatchNorm)`` holds,
+    so code that finds BatchNorm layers by class finds these too). Arguments are
+    Flax's. As in Flax, `promote_dtype` is applied to ``(x, mean, var, scale,
+    bias)`` with ``dtype=dtype``: the promoted x, scale and bias are normalized
+    and set the output dtype (so bf16 x with bf16 params and ``dtype=None``
+    gives float32, promoted with the float32 statistics). Unlike Flax, the
+    statistics themselves stay float32 (computed from the promoted x, stored and
+    used unrounded) and the variance is always the exact two-pass one
+    (`use_fast_variance` is accepted for compatibility). jaxbn extras:
+    ``momentum=None`` (cumulative average, adds a ``count`` BatchStat),
+    `update_stats`, `unbiased_running_var` and `trainable_params` (see
+    `jaxbn.linen.BatchNorm`). An unbound `axis_name` in training raises
+    `UnboundAxisNameError`, a `NameError` (as Flax's) and a
+    `ValueError`.
     """
 
     def __init__(
@@ -57,7 +67,7 @@ class BatchNorm(nnx.Module):
         axis_name: tp.Optional[str] = None,
         axis_index_groups: tp.Any = None,
         use_fast_variance: bool = True,
-        promote_dtype: tp.Any = None,
+        promote_dtype: tp.Callable = _dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
         scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
@@ -83,40 +93,59 @@ class BatchNorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
+        self.promote_dtype = _dtypes.promote_dtype if promote_dtype is None else promote_dtype
         self.update_stats = update_stats
         self.unbiased_running_var = unbiased_running_var
         self.trainable_params = trainable_params
 
     def __call__(self, x, use_running_average: tp.Optional[bool] = None, *, mask: tp.Optional[jax.Array] = None):
-        """Normalizes `x`; statistics are updated in place of the BatchStat variables."""
+        """Normalizes `x`; in training the BatchStat variables are updated in place.
+
+        Args:
+          x: the input (an integer or boolean one is promoted as Flax does).
+          use_running_average: overrides the attribute of the same name.
+          mask: boolean, broadcastable to x; False entries do not count towards
+            the statistics.
+
+        Returns:
+          The normalized input, in Flax NNX's output dtype.
+        """
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError(
                 "use_running_average is None: pass it to BatchNorm(...), to __call__, or use model.train()/model.eval()"
             )
-        params = {}
-        if self.scale is not None:
-            params["scale"] = self.scale[...]
-        if self.bias is not None:
-            params["bias"] = self.bias[...]
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        mean, var = self.mean[...], self.var[...]
+        # Flax's promotion of the input and every variable; its result sets the output
+        # dtype. The statistics jaxbn normalizes with stay the float32 variables.
+        x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
+        dtype = _dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         state = BatchNormState(
-            mean=self.mean[...],
-            var=self.var[...],
+            mean=as_stat(mean),
+            var=as_stat(var),
             count=self.count[...] if self.count is not None else jnp.zeros((), jnp.int32),
         )
         y, new = apply_batch_norm(
-            self, jnp.asarray(x), params, state, use_running_average=use_running_average,
-            axis_name=self.axis_name, mask=mask,
+            self, floating(x), params, state, use_running_average=use_running_average,
+            axis_name=self.axis_name, mask=mask, dtype=dtype,
         )
-        if new is not None:
+        if new is not None:  # carries no gradient (stop_gradient), as Flax writes it
             self.mean[...] = new.mean
             self.var[...] = new.var
             if self.count is not None:
                 self.count[...] = new.count
         return y
 
-    def set_view(self, use_running_average: tp.Optional[bool] = None):
-        """Used by `nnx.view` (and `model.train()` / `model.eval()`)."""
+    def set_view(self, use_running_average: bool | None = None):
+        """Class method used by ``nnx.view`` (and ``model.train()`` / ``model.eval()``).
+
+        Args:
+          use_running_average: if True, the stored batch statistics will be
+            used instead of computing the batch statistics on the input.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average

@@ -56,6 +56,12 @@ def test_one_device_and_shard_map_equal_the_oracle(ndev):
         assert rel_err(st.var, 0.9 + 0.1 * var) < 1e-5
         s = jaxbn.moments(x, mask=mask)
         assert rel_err(s.mean, mean) < 1e-5 and rel_err(s.var, var) < 1e-5 and s.var.dtype == jnp.float32
+    # Without a mask (under jit on 8 devices: the declared partitioning), a real count and variance.
+    xs = np.where(mask, x, 0).astype(np.complex64)
+    mean0, var0 = _np_stats(xs, np.ones_like(mask))
+    y, st = jax.jit(lambda x: layer(x, None))(xs)
+    assert st.var.dtype == jnp.float32 and rel_err(st.var, 0.9 + 0.1 * var0) < 1e-5
+    assert rel_err(y, (xs - mean0) / np.sqrt(var0 + 1e-5)) < 1e-5
 
 
 def test_gradients_agree_across_devices(ndev):

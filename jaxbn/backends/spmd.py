@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbn._checks import Layout, layout
-from jaxbn._stats import count, dy_sums_tangents, mask_shape, merge_over_axes, moments_tangents
+from jaxbn._stats import count, dy_sums_tangents, mask_shape, merge_over_axes, moments_tangents, real_dtype
 from jaxbn.backends.base import Reductions
 
 __all__ = ["Spmd"]
@@ -221,7 +221,7 @@ class Spmd(Reductions):
             return self.local.moments(x, mask, lay)
         if mask is None:
             m, m2 = _moments_op(self.local, x.ndim, lay.feature_axes, None)(x)
-            return count(x.shape, None, lay, m.dtype), m, m2
+            return count(x.shape, None, lay, real_dtype(m.dtype)), m, m2
         mask = jnp.reshape(mask, mask_shape(mask, x.ndim))
         mask_axes = tuple(mask.shape[a] == x.shape[a] for a in range(x.ndim))  # else of size 1
         return _moments_op(self.local, x.ndim, lay.feature_axes, mask_axes)(x, mask)
