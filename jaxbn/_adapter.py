@@ -10,6 +10,7 @@ epsilon may be an array; traced, only in evaluation (the core's training path
 needs a concrete one).
 """
 
+import functools
 from typing import Optional
 
 import jax
@@ -19,6 +20,7 @@ from jaxbn import _checks as checks
 from jaxbn._checks import UnboundAxisNameError
 from jaxbn._types import BatchNormState
 from jaxbn.batch_norm import batch_norm
+from jaxbn.batch_renorm import batch_renorm
 
 __all__ = ["UnboundAxisNameError", "apply_batch_norm", "as_stat", "floating", "stored"]
 
@@ -52,8 +54,10 @@ def check_bound(axis_name) -> None:
 
 
 def apply_batch_norm(m, x, params: dict, state: BatchNormState, *, use_running_average: bool, axis_name, mask,
-                     dtype, allow_update: bool = True) -> tuple[jax.Array, Optional[BatchNormState]]:
+                     dtype, allow_update: bool = True, renorm_limits=None) -> tuple[jax.Array, Optional[BatchNormState]]:
     """Runs the core with module `m`'s options; returns (y, new state or None if not updated).
+
+    With ``renorm_limits = (r_max, d_max)``, Batch Renormalization (`jaxbn.batch_renorm`).
 
     `dtype` is the output dtype, chosen by the module by its Flax counterpart's rule.
     The new state carries no gradient (it is written to variables, which in NNX may be
@@ -66,7 +70,9 @@ def apply_batch_norm(m, x, params: dict, state: BatchNormState, *, use_running_a
     update = (training if m.update_stats is None else m.update_stats) and allow_update
     if axis_name is not None and (training or update):
         check_bound(axis_name)
-    y, new = batch_norm(
+    layer = batch_norm if renorm_limits is None else functools.partial(
+        batch_renorm, r_max=renorm_limits[0], d_max=renorm_limits[1])
+    y, new = layer(
         x,
         params or None,
         state,
@@ -80,5 +86,6 @@ def apply_batch_norm(m, x, params: dict, state: BatchNormState, *, use_running_a
         update_stats=update,
         unbiased_running_var=m.unbiased_running_var,
         dtype=dtype,
+        virtual_batch_size=m.virtual_batch_size,
     )
     return y, (jax.lax.stop_gradient(new) if update else None)

@@ -26,7 +26,7 @@ from jaxbn._adapter import UnboundAxisNameError, apply_batch_norm, as_stat, floa
 from jaxbn._checks import check_x, is_bound, layout
 from jaxbn._types import BatchNormState
 
-__all__ = ["BatchNorm", "UnboundAxisNameError"]
+__all__ = ["BatchNorm", "BatchRenorm", "UnboundAxisNameError"]
 
 
 class BatchNorm(_FlaxBatchNorm):
@@ -55,6 +55,9 @@ class BatchNorm(_FlaxBatchNorm):
         Bessel's correction, as PyTorch does.
       trainable_params: jaxbn extra; False stops gradients to scale and bias
         (frozen BN for fine-tuning, together with ``use_running_average=True``).
+      virtual_batch_size: jaxbn extra; in training, each group of this many
+        consecutive examples of the global batch is normalized with its own
+        statistics (see `jaxbn.batch_norm`).
 
     During ``init`` the running statistics are not updated and an `axis_name`
     that is not bound is not required (flax#1250), as in Flax. Outside ``init``
@@ -79,6 +82,7 @@ class BatchNorm(_FlaxBatchNorm):
     update_stats: Optional[bool] = None
     unbiased_running_var: bool = False
     trainable_params: bool = True
+    virtual_batch_size: Optional[int] = None
 
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None, *, mask: Optional[jax.Array] = None):
@@ -103,7 +107,7 @@ class BatchNorm(_FlaxBatchNorm):
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), fshape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), fshape)
         count = None
-        if self.momentum is None:
+        if self.momentum is None or self._counts_updates():
             count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
         params = {}
         if self.use_scale:
@@ -123,7 +127,7 @@ class BatchNorm(_FlaxBatchNorm):
         dtype = _dtypes.canonicalize_dtype(x_in, *params.values(), dtype=self.dtype)
         y, new = apply_batch_norm(
             self, x, params, state, use_running_average=use_running_average, axis_name=axis_name, mask=mask,
-            dtype=dtype, allow_update=not initializing,
+            dtype=dtype, allow_update=not initializing, renorm_limits=self._renorm_limits(state.count),
         )
         if new is not None:
             ra_mean.value = stored(new.mean, ra_mean.value)
@@ -131,3 +135,30 @@ class BatchNorm(_FlaxBatchNorm):
             if count is not None:
                 count.value = new.count
         return y
+
+    def _counts_updates(self) -> bool:  # whether a batch_stats/count variable is needed
+        return False
+
+    def _renorm_limits(self, count):  # (r_max, d_max) for Batch Renormalization, else None
+        return None
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (`jaxbn.batch_renorm`; Ioffe 2017), a Linen module.
+
+    `BatchNorm`'s fields and variables, plus the limits of the corrections r and d:
+    ``r_max``/``d_max`` numbers, or ``schedule(count) -> (r_max, d_max)``, a function
+    of the number of updates so far (e.g. `jaxbn.renorm_limits`, the paper's
+    relaxation), which adds a ``batch_stats/count`` variable. In evaluation it is
+    `BatchNorm`. ``r_max=1, d_max=0`` is `BatchNorm`.
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    schedule: Optional[Callable] = None
+
+    def _counts_updates(self) -> bool:
+        return self.schedule is not None
+
+    def _renorm_limits(self, count):
+        return (self.r_max, self.d_max) if self.schedule is None else self.schedule(count)

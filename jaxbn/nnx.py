@@ -20,7 +20,7 @@ from jaxbn._adapter import UnboundAxisNameError, apply_batch_norm, as_stat, floa
 from jaxbn._checks import as_shape
 from jaxbn._types import BatchNormState
 
-__all__ = ["BatchNorm", "UnboundAxisNameError"]
+__all__ = ["BatchNorm", "BatchRenorm", "UnboundAxisNameError"]
 
 
 class BatchNorm(_FlaxBatchNorm):
@@ -74,11 +74,13 @@ class BatchNorm(_FlaxBatchNorm):
         update_stats: tp.Optional[bool] = None,
         unbiased_running_var: bool = False,
         trainable_params: bool = True,
+        virtual_batch_size: tp.Optional[int] = None,
     ):
         shape = as_shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if momentum is None else nnx.data(None)
+        counts = momentum is None or self._counts_updates()
+        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if counts else nnx.data(None)
         self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
         self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
         self.num_features = num_features
@@ -97,6 +99,7 @@ class BatchNorm(_FlaxBatchNorm):
         self.update_stats = update_stats
         self.unbiased_running_var = unbiased_running_var
         self.trainable_params = trainable_params
+        self.virtual_batch_size = virtual_batch_size
 
     def __call__(self, x, use_running_average: tp.Optional[bool] = None, *, mask: tp.Optional[jax.Array] = None):
         """Normalizes `x`; in training the BatchStat variables are updated in place.
@@ -131,7 +134,7 @@ class BatchNorm(_FlaxBatchNorm):
         )
         y, new = apply_batch_norm(
             self, floating(x), params, state, use_running_average=use_running_average,
-            axis_name=self.axis_name, mask=mask, dtype=dtype,
+            axis_name=self.axis_name, mask=mask, dtype=dtype, renorm_limits=self._renorm_limits(state.count),
         )
         if new is not None:  # carries no gradient (stop_gradient), as Flax writes it
             self.mean[...] = new.mean
@@ -139,6 +142,12 @@ class BatchNorm(_FlaxBatchNorm):
             if self.count is not None:
                 self.count[...] = new.count
         return y
+
+    def _counts_updates(self) -> bool:  # whether a `count` BatchStat is needed
+        return False
+
+    def _renorm_limits(self, count):  # (r_max, d_max) for Batch Renormalization, else None
+        return None
 
     def set_view(self, use_running_average: bool | None = None):
         """Class method used by ``nnx.view`` (and ``model.train()`` / ``model.eval()``).
@@ -149,3 +158,24 @@ class BatchNorm(_FlaxBatchNorm):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (`jaxbn.batch_renorm`; Ioffe 2017), an NNX module.
+
+    `BatchNorm`'s arguments and variables, plus the limits of the corrections r and d:
+    ``r_max``/``d_max`` numbers, or ``schedule(count) -> (r_max, d_max)``, a function
+    of the number of updates so far (e.g. `jaxbn.renorm_limits`, the paper's
+    relaxation), which adds a ``count`` BatchStat. In evaluation it is `BatchNorm`.
+    """
+
+    def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0,
+                 schedule: tp.Optional[tp.Callable] = None, **kwargs):
+        self.r_max, self.d_max, self.schedule = r_max, d_max, schedule
+        super().__init__(num_features, **kwargs)
+
+    def _counts_updates(self) -> bool:
+        return self.schedule is not None
+
+    def _renorm_limits(self, count):
+        return (self.r_max, self.d_max) if self.schedule is None else self.schedule(count)

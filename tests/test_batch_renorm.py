@@ -193,3 +193,47 @@ def test_schedule_is_the_papers():
         jaxbn.batch_renorm(np.ones((4, 2), np.float32), None, jaxbn.init_state(2), training=True, r_max=0.5, d_max=0)
     with pytest.raises(TypeError, match="d_max must be a number >= 0, got '1'"):
         jaxbn.batch_renorm(np.ones((4, 2), np.float32), None, jaxbn.init_state(2), training=True, r_max=2, d_max="1")
+
+
+def test_linen_and_nnx_modules():
+    import jaxbn.linen as bl
+    import jaxbn.nnx as bn
+    from flax import nnx
+
+    x, scale, bias, w, state, mask = _inputs(True)
+    x2, mask2 = x.reshape(-1, C), np.broadcast_to(mask, SHAPE[:2] + (1,)).reshape(-1, 1)
+    y_ref, st_ref = jaxbn.batch_renorm(x2, None, jaxbn.init_state(C), training=True, r_max=R_MAX, d_max=D_MAX,
+                                       mask=mask2)
+    m = bl.BatchRenorm(use_running_average=False, r_max=R_MAX, d_max=D_MAX)
+    v = m.init(jax.random.key(0), x2)
+    y, upd = m.apply(v, x2, mask=mask2, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(upd["batch_stats"]["mean"], st_ref.mean)
+    v = {**v, **upd}
+    ye = m.clone(use_running_average=True).apply(v, x2)
+    np.testing.assert_array_equal(ye, bl.BatchNorm(use_running_average=True).apply(v, x2))
+    n = bn.BatchRenorm(C, r_max=R_MAX, d_max=D_MAX, rngs=nnx.Rngs(0))
+    n.train()
+    np.testing.assert_array_equal(n(x2, mask=mask2), y_ref)
+    np.testing.assert_array_equal(n.var[...], st_ref.var)
+    # A schedule: a count variable that the updates advance; at count 0 the layer is BatchNorm.
+    s = bl.BatchRenorm(use_running_average=False, schedule=jaxbn.renorm_limits)
+    vs = s.init(jax.random.key(0), x2)
+    ys, upd = s.apply(vs, x2, mutable=["batch_stats"])
+    assert int(upd["batch_stats"]["count"]) == 1
+    np.testing.assert_array_equal(ys, jaxbn.batch_norm(x2, None, jaxbn.init_state(C), training=True)[0])
+
+
+def test_modules_take_virtual_batch_size():
+    import jaxbn.linen as bl
+    import jaxbn.nnx as bn
+    from flax import nnx
+
+    x = _inputs(False)[0].reshape(-1, C)
+    y_ref = jaxbn.batch_norm(x, None, jaxbn.init_state(C), training=True, virtual_batch_size=8)[0]
+    m = bl.BatchNorm(use_running_average=False, virtual_batch_size=8)
+    y, _ = m.apply(m.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, y_ref)
+    n = bn.BatchNorm(C, virtual_batch_size=8, rngs=nnx.Rngs(0))
+    n.train()
+    np.testing.assert_array_equal(n(x), y_ref)
