@@ -172,7 +172,6 @@ class _Config(NamedTuple):
     lay: checks.Layout
     names: Optional[tuple]  # the axes the normalizing statistics (and the gradient's sums) span
     groups: Optional[tuple]  # device groups of `names` that keep separate statistics
-    epsilon: float
     dtype: Any  # output dtype
     reductions: Reductions  # chosen once (jaxbn.backends.select), for forward and backward
     virtual: Optional[str] = None  # virtual batches: "local" (groups within a device) or "span"
@@ -230,12 +229,12 @@ def _renormalized(stats: Moments, scale, bias, renorm: Optional[Renorm], epsilon
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _train_normalize(cfg: _Config, x, scale, bias, mask, renorm=None):
+def _train_normalize(cfg: _Config, x, scale, bias, mask, renorm, epsilon):
     """``(y, stats)``: x normalized with its global batch moments, which carry no derivative
     (renormalized, see `_renormalized`, when `renorm` is given)."""
     stats, running = _batch_moments(cfg, x, mask)
-    scale, bias, _, _ = _renormalized(stats, scale, bias, renorm, cfg.epsilon)
-    y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, cfg.epsilon, cfg.dtype)
+    scale, bias, _, _ = _renormalized(stats, scale, bias, renorm, epsilon)
+    y = _normalize(x, stats.mean, stats.var, scale, bias, cfg.lay, epsilon, cfg.dtype)
     return y, jax.lax.stop_gradient(running)
 
 
@@ -252,50 +251,50 @@ def _train_jvp(cfg: _Config, primals, tangents):
     device's sums from the statistics backend. Batch Renormalization is the same map
     with γ·r for γ and β + γ·d for β (r, d constants).
     """
-    x, scale, bias, mask, renorm = primals
-    tx, ts, tb, _, _ = tangents
+    x, scale, bias, mask, renorm, epsilon = primals
+    tx, ts, tb, _, _, _ = tangents
     if jnp.iscomplexobj(x):
         # |x - μ|² is only real-linear in x: JAX's own derivative of the formula.
-        plain = lambda x, scale, bias: _train_normalize.fun(cfg, x, scale, bias, mask, renorm)  # noqa: E731
+        plain = lambda x, scale, bias: _train_normalize.fun(cfg, x, scale, bias, mask, renorm, epsilon)  # noqa: E731
         return jax.jvp(plain, (x, scale, bias), (tx, ts, tb))
     # The statistics as residuals keep their dependence on x (for derivatives of higher order).
     stats, running = _batch_moments(cfg, x, mask)
-    scale_r, bias_d, r, d = _renormalized(stats, scale, bias, renorm, cfg.epsilon)
+    scale_r, bias_d, r, d = _renormalized(stats, scale, bias, renorm, epsilon)
     if renorm is not None:  # tangents of γ·r and β + γ·d
         ts, tb = (None, tb) if scale is None else (ts * r, ts * d if tb is None else tb + ts * d)
         tb = jnp.zeros_like(bias_d) if tb is None else tb
-    y = _normalize(x, stats.mean, stats.var, scale_r, bias_d, cfg.lay, cfg.epsilon, cfg.dtype)
+    y = _normalize(x, stats.mean, stats.var, scale_r, bias_d, cfg.lay, epsilon, cfg.dtype)
     present = (scale_r is not None, bias_d is not None, mask is not None)
     linear = [tx] + [t for t, p in zip((ts, tb), present) if p]
-    residual = [x, stats.mean, stats.var, stats.count] + [v for v, p in zip((scale_r, mask), present[::2]) if p]
+    residual = [x, stats.mean, stats.var, stats.count, epsilon] + [v for v, p in zip((scale_r, mask), present[::2]) if p]
     y_dot = _TANGENT.bind(*linear, *residual, cfg=cfg, present=present)
     return (y, jax.lax.stop_gradient(running)), (y_dot, jax.tree.map(jnp.zeros_like, running))
 
 
 def _unpack(args, present):
-    """(tx, ts, tb, x, mean, var, count, scale, mask) from the primitive's operands (None where absent)."""
+    """(tx, ts, tb, x, mean, var, count, epsilon, scale, mask) from the primitive's operands (None where absent)."""
     has_scale, has_bias, has_mask = present
     args = list(args)
     tx = args.pop(0)
     ts = args.pop(0) if has_scale else None
     tb = args.pop(0) if has_bias else None
-    x, mean, var, count = args[:4]
-    rest = args[4:]
+    x, mean, var, count, epsilon = args[:5]
+    rest = args[5:]
     scale = rest.pop(0) if has_scale else None
     mask = rest.pop(0) if has_mask else None
-    return tx, ts, tb, x, mean, var, count, scale, mask
+    return tx, ts, tb, x, mean, var, count, epsilon, scale, mask
 
 
 def _tangent(*args, cfg: _Config, present):
     """ẏ of `_train_jvp`'s docstring, linear in (ẋ, γ̇, β̇)."""
-    tx, ts, tb, x, mean, var, count, scale, mask = _unpack(args, present)
+    tx, ts, tb, x, mean, var, count, epsilon, scale, mask = _unpack(args, present)
     lay, dt = cfg.lay, mean.dtype
     xc = x.astype(dt) - lay.b(mean)
     t = tx.astype(dt)
     tm = t if mask is None else jnp.where(mask, t, 0)
     sums = jnp.stack([jnp.sum(tm, lay.reduce_axes), jnp.sum(tm * xc, lay.reduce_axes)])
     sums = group_sum(sums, cfg.names, cfg.groups)
-    inv = jax.lax.rsqrt(var + cfg.epsilon)
+    inv = jax.lax.rsqrt(var + epsilon)
     a = inv if scale is None else inv * scale.astype(dt)
     r = 1.0 / jnp.maximum(count, 1)
     y_dot = t * lay.b(a) - lay.b(a * sums[0] * r) - xc * lay.b(a * inv * inv * sums[1] * r)
@@ -317,10 +316,10 @@ def _tangent_transpose(g, *args, cfg: _Config, present):
     One all-reduce of [S1, S2]. Parameter cotangents follow JAX's autodiff
     convention for the context (`jaxbn.backends.context.param_cotangent`).
     """
-    _, _, _, x, mean, var, count, scale, mask = _unpack(args, present)
+    _, _, _, x, mean, var, count, epsilon, scale, mask = _unpack(args, present)
     lay, dt = cfg.lay, mean.dtype
     s = jnp.stack(cfg.reductions.dy_sums(x, g, mean, lay))
-    inv = jax.lax.rsqrt(var + cfg.epsilon)
+    inv = jax.lax.rsqrt(var + epsilon)
     if cfg.groups is None:
         s_global = group_sum(s, cfg.names, None)
         s1, s2 = s_global[0], s_global[1]
@@ -510,8 +509,8 @@ def _virtual_batches(x, scale, bias, mask, renorm, lay, names, groups, eps, out_
     if size > local and size % local == 0:  # each group spans k consecutive devices
         k = size // local
         spans = tuple(tuple(range(i * k, (i + 1) * k)) for i in range(devices // k))
-        cfg = _Config(lay, names, spans, eps, out_dtype, select(x, lay), virtual="span")
-        return _train_normalize(cfg, x, scale, bias, mask, renorm)
+        cfg = _Config(lay, names, spans, out_dtype, select(x, lay), virtual="span")
+        return _train_normalize(cfg, x, scale, bias, mask, renorm, eps)
     if local % size:
         raise ValueError(f"virtual_batch_size={size} does not line up with the {local} examples each device "
                          f"holds: it must divide them or be a multiple of them")
@@ -524,8 +523,8 @@ def _virtual_batches(x, scale, bias, mask, renorm, lay, names, groups, eps, out_
     per_group = lambda v: None if v is None else jnp.broadcast_to(v, lay_g.feature_shape)  # noqa: E731
     if renorm is not None:
         renorm = renorm._replace(mean=per_group(renorm.mean), var=per_group(renorm.var))
-    cfg = _Config(lay_g, None, None, eps, out_dtype, select(xg, lay_g), virtual="local", whole_names=names)
-    y, whole = _train_normalize(cfg, xg, per_group(scale), per_group(bias), mask, renorm)
+    cfg = _Config(lay_g, None, None, out_dtype, select(xg, lay_g), virtual="local", whole_names=names)
+    y, whole = _train_normalize(cfg, xg, per_group(scale), per_group(bias), mask, renorm, eps)
     return jnp.reshape(y, x.shape), whole
 
 
@@ -551,13 +550,11 @@ def _layer(x, params, state, *, training, axis, momentum, epsilon, axis_name, ax
 
     batch = None
     if training:
-        eps = checks.concrete(epsilon)
-        if eps is None:
-            raise TypeError(f"epsilon must be a concrete number in training mode, got {epsilon!r}")
+        eps = jnp.asarray(epsilon, jnp.float32)  # an operand: it may be traced
         renorm = None if renorm_limits is None else Renorm(state.mean, state.var, *renorm_limits)
         if virtual_batch_size is None:
-            cfg = _Config(lay, names, groups, eps, out_dtype, select(x, lay))
-            y, batch = _train_normalize(cfg, x, scale, bias, mask, renorm)
+            cfg = _Config(lay, names, groups, out_dtype, select(x, lay))
+            y, batch = _train_normalize(cfg, x, scale, bias, mask, renorm, eps)
         else:
             y, batch = _virtual_batches(x, scale, bias, mask, renorm, lay, names, groups, eps, out_dtype,
                                         virtual_batch_size)

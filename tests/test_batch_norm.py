@@ -360,3 +360,18 @@ def test_api_conventions():
 def test_import_jaxbn_does_not_import_flax():
     code = "import sys, jaxbn; bad = [m for m in ('flax', 'optax', 'torch', 'tensorflow') if m in sys.modules]; print(bad); assert not bad"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_traced_epsilon_in_training():
+    """epsilon is an operand: it may be traced (a schedule, a jit argument), gradients included."""
+    x = RNG.normal(1.0, 2.0, size=(16, 3)).astype(np.float32)
+    w = RNG.normal(size=(16, 3)).astype(np.float32)
+
+    def loss(x, eps):
+        return jnp.sum(w * jaxbn.batch_norm(x, None, jaxbn.init_state(3), training=True, epsilon=eps)[0])
+
+    for eps in (1e-5, 0.5):
+        y = jax.jit(lambda x, e: jaxbn.batch_norm(x, None, jaxbn.init_state(3), training=True, epsilon=e)[0])(x, eps)
+        assert rel_err(y, np_batch_norm(x, np.ones(3), np.zeros(3), eps=eps)[0]) < RTOL["float32"]
+        g = jax.jit(jax.grad(loss))(x, eps)
+        assert rel_err(g, np_grads(x, np.ones(3), np.zeros(3), w, eps=eps)[0]) < 1e-4

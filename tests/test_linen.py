@@ -291,7 +291,6 @@ def test_epsilon_as_an_array_and_traced_in_evaluation():
     assert rel_err(f(0.5, bl.BatchNorm), f(0.5, nn.BatchNorm)) < RTOL["float32"]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="the core needs a concrete epsilon in training mode")
 def test_traced_epsilon_in_training():
     x = _x()
     v = _random_vars(nn.BatchNorm(), x)
