@@ -6,7 +6,9 @@ r"""Trains an image classifier with synchronized BatchNorm, on one host or sever
   python train.py --config configs/smoke.py --config.num_epochs=1 --workdir /tmp/smoke
 
 Running again with the same --workdir resumes from its latest checkpoint (a finished run is
-evaluated and reported, nothing written). Faults end in one line, `train.py: error: ...`.
+evaluated and reported, nothing written). Faults end in one line, `train.py: error: ...`;
+with several processes, exit status 3 when a peer never joined (--distributed_timeout) and 4
+when one was lost mid-run (rerun every process to resume).
 
 Several processes (e.g. two on one machine; on several hosts use process 0's address):
 
@@ -78,9 +80,9 @@ def _parse_flags(argv):
 
 def _quiet(record) -> bool:
     """Drops what means nothing to a user: orbax's INFO chatter (a dozen lines per checkpoint),
-    other libraries' tracebacks of a full disk (train.py: error: says it in one line), and JAX's
-    report that it found no TPU on a machine without one; keeps every other warning and jaxbn's
-    own lines."""
+    other libraries' tracebacks of a full disk or of a collective that a lost peer broke
+    (train.py: error: says it in one line), and JAX's report that it found no TPU on a machine
+    without one; keeps every other warning and jaxbn's own lines."""
     if "/orbax/" in record.pathname and (record.levelno < std_logging.WARNING
                                          or "Given directory is read only" in record.getMessage()):
         return False  # the latter: a finished run is evaluated without writing, on purpose
@@ -91,6 +93,12 @@ def _quiet(record) -> bool:
         from jaxbn.training.workdir import is_disk_full
         if is_disk_full(Exception(record.getMessage())) or (
                 record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1])):
+            return False
+        # orbax's report of a save whose collective failed because a peer died (from its thread,
+        # with a traceback): train.py: error: names the lost process in one line.
+        from jaxbn.training import distributed
+        if distributed.watching() and record.exc_info and record.exc_info[1] is not None \
+                and distributed.is_peer_failure(record.exc_info[1]):
             return False
     if record.levelno < std_logging.WARNING and record.name.startswith("jax._src.xla_bridge"):
         return not record.getMessage().startswith("Unable to initialize backend")
@@ -105,6 +113,15 @@ def _unraisable(unraisable) -> None:
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return
     sys.__unraisablehook__(unraisable)
+
+
+def _kept(workdir: str) -> str:
+    """What a lost peer leaves: the last complete checkpoint of `workdir` (a sentence)."""
+    ckpts = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(d) for d in (os.listdir(ckpts) if os.path.isdir(ckpts) else []) if d.isdigit())
+    if not steps:
+        return f"No checkpoint was written yet in {ckpts}; the rerun starts from step 0. "
+    return f"The last complete checkpoint, step {steps[-1]} in {ckpts}, is intact. "
 
 
 def main(argv):
@@ -123,11 +140,16 @@ def main(argv):
     if workdir is None:
         name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
         workdir = os.path.join("runs", f"{name}_{config.norm}")
+    distributed.watch_peers(lambda: _kept(workdir))
     try:
         _, summary = loop.train_and_evaluate(config, workdir)
     except (config_lib.ConfigError, checkpoints.CheckpointError, datasets.DataError,
             workdir_lib.WorkdirError, metrics.MetricsError) as e:
         sys.exit(f"train.py: error: {e}")
+    except Exception as e:  # pylint: disable=broad-except
+        distributed.exit_if_peer_lost(e)  # a collective failed because a process died: one line
+        raise
+    distributed.finish_watch()  # peers still finishing must not take this process for lost
     if summary["stopped"]:
         print(f"Stopped at step {summary['step']} (config.stop_after_steps); run again to resume.")
         return

@@ -1,8 +1,10 @@
 """train.py as several processes (jax.distributed on 127.0.0.1, gloo CPU collectives).
 
 Two processes with 4 virtual CPU devices each must train in lockstep and match
-one process with 8 devices; a process whose peer never starts must fail fast
-with a clear message. Every subprocess runs under a timeout.
+one process with 8 devices; a process whose peer never starts must say whom it
+waits for and fail fast with a clear message; a process whose peer dies must end
+with one line naming it, and the rerun resume. Every subprocess runs under a
+timeout.
 """
 
 import functools
@@ -36,11 +38,30 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(args, devices):
+def launch(args, devices, log=None):
+    """train.py with `args` on `devices` CPU devices; stdout and stderr to pipes, or both to the
+    file `log` (to watch a running process)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    out = subprocess.PIPE if log is None else open(log, "w")
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=out, stderr=subprocess.PIPE if log is None else subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for_line(path, text, procs, timeout):
+    """Waits until the file `path` contains `text`; kills `procs` and fails past `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in open(path).read():
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.kill()
+        p.wait()
+    pytest.fail(f"{text!r} not in {path} within {timeout} s: {open(path).read()[-3000:]}")
 
 
 def wait_all(procs, timeout):
@@ -115,14 +136,65 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
 
 
 def test_missing_peer_fails_fast_with_clear_error(tmp_path):
-    port = free_port()
+    """Process 0 whose peer never starts, and process 1 whose coordinator never starts: each says
+    every 2 s whom it waits for and how to wait less, then ends with status 3 and one message."""
+    port0, port1 = free_port(), free_port()
     start = time.monotonic()
-    proc = launch(["--config", os.path.join(ROOT, "configs", "smoke.py"), "--workdir", str(tmp_path),
-                   "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-                   "--process_id", "0", "--distributed_timeout", "5"], devices=4)
-    [(rc, _, err)] = wait_all([proc], 60)
-    assert rc == 3, err[-3000:]
+    procs = [launch(["--config", os.path.join(ROOT, "configs", "smoke.py"), "--workdir", str(tmp_path / str(i)),
+                     "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                     "--process_id", str(i), "--distributed_timeout", "6"], devices=4)
+             for i, port in ((0, port0), (1, port1))]
+    [(rc, _, err), (rc1, _, err1)] = wait_all(procs, 60)
+    assert (rc, rc1) == (3, 3), (err[-3000:], err1[-3000:])
     assert time.monotonic() - start < 45
-    assert "timed out after 5 s: process 0 of 2 could not gather all processes" in err
-    assert f"127.0.0.1:{port}" in err and "--distributed_timeout" in err
-    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))  # never got to train
+    assert "timed out after 6 s: process 0 of 2 could not gather all processes" in err
+    assert f"127.0.0.1:{port0}" in err and "--distributed_timeout" in err
+    assert not os.path.exists(os.path.join(tmp_path, "0", "checkpoints"))  # never got to train
+    # Meanwhile: who is awaited (process 1; for process 1, the coordinator that does not answer).
+    waits = [line for line in err.splitlines() if "still waiting" in line]
+    assert len(waits) >= 2, err[-3000:]
+    assert (f"process 0 of 2: still waiting for process(es) 1 to connect to 127.0.0.1:{port0}"
+            in waits[0]) and "--distributed_timeout=SECONDS to wait less" in waits[0]
+    assert (f"process 1 of 2: still waiting for process 0 (the coordinator, 127.0.0.1:{port1} does not "
+            "answer yet)" in err1), err1[-3000:]
+
+
+def test_lost_peer_ends_with_one_line_and_the_rerun_resumes(data_dir, tmp_path):
+    """Process 1 SIGKILLed mid-run: process 0 ends within 60 s (status 4) with one line naming
+    process 1 and the last complete checkpoint, instead of a ~90 s hang and SIGABRT; rerunning
+    both processes resumes from that checkpoint."""
+    workdir, port = tmp_path / "run", free_port()
+    common = ["--config", os.path.join(ROOT, "configs", "smoke.py"), f"--config.dataset={data_dir}",
+              "--config.num_epochs=100", "--workdir", str(workdir), "--num_processes", "2"]
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = [launch(common + ["--coordinator_address", f"127.0.0.1:{port}", "--process_id", str(i)],
+                    devices=4, log=logs[i]) for i in range(2)]
+    wait_for_line(logs[1], "step 20:", procs, TIMEOUT_S)
+    procs[1].kill()
+    killed = time.monotonic()
+    try:
+        rc0 = procs[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail(f"process 0 still runs 60 s after its peer died: {logs[0].read_text()[-3000:]}")
+    elapsed = time.monotonic() - killed
+    procs[1].wait()
+    out = logs[0].read_text()
+    last = out.strip().splitlines()[-1]
+    # Seconds when a collective fails (gloo: connection reset); when it blocks instead, the
+    # heartbeat watch ends the process 30 s after the peer's last beat. Either way within 60 s.
+    assert rc0 == 4 and elapsed < 55, (rc0, elapsed, out[-3000:])
+    assert re.match(r"train\.py: error: lost process 1 of 2 \((a collective failed: .*Gloo|no heartbeat "
+                    r"for 3\d s; this process was waiting for it)", last), last
+    match = re.search(r"The last complete checkpoint, step (\d+) in (\S+)/checkpoints, is intact\. "
+                      r"Restart every process with the same command to resume\.$", last)
+    assert match and match.group(2) == str(workdir), last
+    assert "Traceback" not in out and "Check failure stack trace" not in out
+
+    step = int(match.group(1))
+    port = free_port()
+    procs = [launch(common + ["--coordinator_address", f"127.0.0.1:{port}", "--process_id", str(i),
+                              f"--config.stop_after_steps={step + 2}"], devices=4) for i in range(2)]
+    [(rc0, _, err0), (rc1, _, err1)] = wait_all(procs, TIMEOUT_S)
+    assert (rc0, rc1) == (0, 0), (err0[-3000:], err1[-3000:])
+    assert f"Resuming from {workdir}/checkpoints at step {step}" in err0, err0[-3000:]

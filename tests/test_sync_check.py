@@ -107,3 +107,97 @@ def test_lazy_import_from_jaxbn():
 def test_pytest_fixture(sync_bn_check, ndev):
     model, v = _linen(MLP(norm=functools.partial(bl.BatchNorm, axis_name="batch")))
     assert sync_bn_check(model, v, X, num_devices=2).ok
+
+
+# Training flags (issue 17, item 9): found from the __call__ signature, else named in the message.
+
+
+def _net(flag, value_for_training):
+    """A Linen model whose training flag is `flag` (value_for_training selects training)."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, **kw):
+            training = kw.get(flag, not value_for_training) == value_for_training
+            x = nn.Dense(6)(x)
+            x = bl.BatchNorm(use_running_average=not training, axis_name="batch")(x)
+            return nn.Dense(3)(x)
+
+    # A signature with exactly that keyword, as a user's model would have.
+    exec_ns = {}
+    exec(f"def __call__(self, x, {flag}={not value_for_training!r}):\n"
+         f"    return Net.__call__(self, x, **{{{flag!r}: {flag}}})", {"Net": Net}, exec_ns)
+    cls = type(f"Net_{flag}", (Net,), {"__call__": exec_ns["__call__"]})
+    model = cls()
+    return model, model.init(jax.random.key(0), X)
+
+
+@pytest.mark.parametrize("flag,value", [("train", True), ("training", True), ("is_training", True),
+                                        ("use_running_average", False)])
+def test_training_flag_found_in_signature(flag, value, ndev):
+    model, v = _net(flag, value)
+    report = check_sync_bn(model, v, X, num_devices=4)
+    assert report.ok, str(report)
+    assert report.apply_kwargs == {flag: value} and not report.eval_layers
+
+
+def test_unknown_training_flag_fails_and_says_what_to_pass(ndev):
+    model, v = _net("phase_is_train", True)  # not a known name: the model runs in eval mode
+    report = check_sync_bn(model, v, X, num_devices=4)
+    assert not report.ok and report.not_training and report.eval_layers == ["BatchNorm_0"]
+    text = str(report)
+    assert "FAILED" in text and "NO BatchNorm ran in training mode" in text and "apply_kwargs=" in text
+    assert check_sync_bn(model, v, X, num_devices=4, apply_kwargs={"phase_is_train": True}).ok
+    with pytest.raises(TypeError, match=r"phase_is_train=False.*apply_kwargs=\{\.\.\.\}"):
+        check_sync_bn(model, v, X, num_devices=4, apply_kwargs={"train": True})
+
+
+class _Frozen(nn.Module):
+    """BatchNorms built with use_running_average=True and no training flag to change it."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = bl.BatchNorm(use_running_average=True, axis_name="batch")(nn.Dense(6)(x))
+        return nn.BatchNorm(use_running_average=True, axis_name="batch")(nn.Dense(3)(x))
+
+
+def test_linen_running_averages_fail(ndev):
+    model = _Frozen()
+    v = model.init(jax.random.key(0), X)
+    report = check_sync_bn(model, v, X, num_devices=4)
+    assert not report.ok and report.not_training, str(report)
+    assert all(r.ok for r in report.rows)  # the numbers agree: only the mode says it checked nothing
+    with pytest.raises(AssertionError, match="NO BatchNorm ran in training mode"):
+        assert_sync_bn(model, v, X, num_devices=4)
+
+
+@pytest.mark.parametrize("norm", [bnnx.BatchNorm, nnx.BatchNorm], ids=["jaxbn", "flax"])
+def test_nnx_model_in_eval_mode_fails(norm, ndev):
+    model = _NNXNet(functools.partial(norm, axis_name="batch"), nnx.Rngs(0))
+    model.eval()
+    report = check_sync_bn(model, None, X, num_devices=4)
+    assert not report.ok and report.not_training and "model.train()" in str(report)
+    model.train()
+    assert check_sync_bn(model, None, X, num_devices=4).ok
+
+
+# A forgotten axis_name under shard_map (issue 17, item 8): JAX's error, and the checker's answer.
+
+
+def test_forgotten_axis_name_under_shard_map_is_named(ndev):
+    from jax.sharding import PartitionSpec as P
+    model, v = _linen(MLP())  # jaxbn BatchNorm without axis_name
+
+    def step(v, x):
+        out, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return out, upd["batch_stats"]
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("batch",))
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=(P("batch"), P())))
+    with pytest.raises(ValueError, match="out_specs which require replication"):
+        f(v, X)  # what the user meets (and README's Troubleshooting maps to its cause)
+    report = check_sync_bn(model, v, X, num_devices=4)
+    assert not report.ok and report.unsynced_layers == ["BatchNorm_0"]
+    text = str(report)
+    assert "out_specs which require replication" in text and "check_vma=False" in text
+    assert "axis_name='batch'" in text
