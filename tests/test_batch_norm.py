@@ -165,7 +165,7 @@ def test_training_layer_writes_no_x_sized_temporary(dtype, masked):
     # The layer's traffic: every reduction streams x (and dy) in the input's own dtype
     # through its own optimization barrier; the only x-sized arrays the compiled
     # forward+backward writes are y and dx. A shared float32 copy of x or dy, or a
-    # materialized x - mean, would show up here (jaxbn/batch_norm.py, _private).
+    # materialized x - mean, would show up here (jaxbn/backends/xla.py, private).
     shape = (16, 6, 6, 8)
     x = jnp.asarray(_data(shape, 3.0, 2.0), dtype)
     dy = jnp.asarray(_data(shape, 0.0, 1.0, 1), dtype)

@@ -405,7 +405,7 @@ def test_auto_uses_kernels_in_shard_map_and_sharded_jit(ndev):
 
     sharding = jax.sharding.NamedSharding(_mesh(), P("d"))
     hlo = _hlo.compiled_text(jax.jit(plain), jax.device_put(x, sharding), p)
-    # Declared per-device work (jaxbn/partitioning.py): no operand gathered onto every device.
+    # Declared per-device work (jaxbn/backends/spmd.py): no operand gathered onto every device.
     assert "jaxbn_moments" in _hlo.custom_calls(hlo) and _hlo.collectives(hlo)["all-gather"] == 0
 
 

@@ -1,4 +1,4 @@
-"""BatchNorm under sharded jit (jaxbn/partitioning.py): the global batch's statistics,
+"""BatchNorm under sharded jit (jaxbn/backends/spmd.py): the global batch's statistics,
 one all-reduce forward and one backward, no gathered operands, CPU kernels on each
 device's rows. Oracle: float64 NumPy on the whole batch (tests/oracle.py)."""
 

@@ -16,7 +16,7 @@ mode names. All three give the same mathematics:
   each process, so it also converts states and batches to and from that layout.
 * ``JIT`` (``'jit'``): plain ``jit`` on a batch sharded with ``NamedSharding(mesh,
   P('batch'))``. The step sees the whole batch, XLA makes every reduction global,
-  and BatchNorm gets ``axis_name=None`` (jaxbn/partitioning.py merges its
+  and BatchNorm gets ``axis_name=None`` (jaxbn/backends/spmd.py merges its
   statistics in one all-reduce).
 
 Inside a step, ``local`` is the number of examples the step body sees.

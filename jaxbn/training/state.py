@@ -43,7 +43,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     `norm='jaxbn'` uses `jaxbn.linen.BatchNorm`, `'flax'` uses
     `flax.linen.BatchNorm`, both with ``axis_name='batch'`` under shard_map and
     pmap, and ``axis_name=None`` under sharded jit (where the statistics are
-    global: jaxbn/partitioning.py merges them in one all-reduce).
+    global: jaxbn/backends/spmd.py merges them in one all-reduce).
     """
     cls = bn_linen.BatchNorm if config.norm == "jaxbn" else nn.BatchNorm
     norm = functools.partial(cls, axis_name=get_mode(config.parallel).bn_axis_name,
