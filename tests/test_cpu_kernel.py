@@ -479,3 +479,20 @@ def test_without_a_compiler_jaxbn_warns_and_uses_xla(tmp_path):
            "PATH": str(tmp_path), "XLA_FLAGS": ""}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_kernels_are_chosen_by_the_platform_the_program_is_lowered_for():
+    """Traced on this CPU host with the kernels forced on, a program lowered (or exported)
+    for a GPU carries no CPU custom call; lowered for the CPU, it has the kernels."""
+    x = _data((8, 4, 4, 16), 1.0, 2.0, 23)
+    p = jaxbn.init_params(16)
+    f = jax.jit(jax.grad(lambda x, p: jnp.sum(jaxbn.batch_norm(x, p, jaxbn.init_state(16), training=True)[0] ** 2),
+                         argnums=(0, 1)))
+    with cpu_kernel.use("1"):
+        cpu = f.trace(x, p).lower(lowering_platforms=("cpu",)).as_text()
+        for plats in (("cuda",), ("tpu",)):
+            text = f.trace(x, p).lower(lowering_platforms=plats).as_text()
+            assert "jaxbn_" not in text, plats
+        exp = jax.export.export(f, platforms=("cuda",))(x, p)
+    assert "jaxbn_moments" in cpu and "jaxbn_dy_sums" in cpu
+    assert exp.platforms == ("cuda",)

@@ -246,7 +246,14 @@ def dy_sums(x: jax.Array, dy: jax.Array, mean: jax.Array, feature_axes):
 
 
 class _CpuFfi(Reductions):
-    """The kernels behind the backend interface; what they cannot serve goes to XLA."""
+    """The kernels behind the backend interface; what they cannot serve goes to XLA.
+
+    The kernels exist only on the CPU, whatever platform the tracing process defaults
+    to: each call is a `jax.lax.platform_dependent` choice made when the program is
+    lowered — the kernel for the CPU, the XLA formulation for any other platform (a
+    program traced on a CPU host and lowered, exported or run for a GPU carries no CPU
+    custom call). A program lowered for the CPU alone contains only the kernel.
+    """
 
     name = "cpu"
     opaque = True
@@ -254,20 +261,25 @@ class _CpuFfi(Reductions):
     def moments(self, x, mask, lay: Layout):
         f0 = lay.feature_axes[0]
         if mask is None:
-            m, m2 = vary_like(moments(x, lay.feature_axes), x)
+            kernel = lambda x: vary_like(moments(x, lay.feature_axes), x)  # noqa: E731
         elif all(d == 1 for d in mask_shape(mask, x.ndim)[f0:]):
             # The mask leaves out whole rows (NHWC) or slabs (NCHW): one sweep over the kept ones.
             k = mask_shape(mask, x.ndim)
-            keep = jnp.broadcast_to(jnp.reshape(mask, k)[(...,) + (0,) * (x.ndim - f0)], x.shape[:f0])
-            m, m2 = vary_like(masked_moments(x, keep, lay.feature_axes), x, mask)
+
+            def kernel(x):
+                keep = jnp.broadcast_to(jnp.reshape(mask, k)[(...,) + (0,) * (x.ndim - f0)], x.shape[:f0])
+                return vary_like(masked_moments(x, keep, lay.feature_axes), x, mask)
         else:
             return XLA.moments(x, mask, lay)
+        m, m2 = jax.lax.platform_dependent(x, cpu=kernel, default=lambda x: XLA.moments(x, mask, lay)[1:])
         return count(x.shape, mask, lay, m.dtype), m, m2
 
     def dy_sums(self, x, dy, mean, lay: Layout):
         if dy.dtype != x.dtype:
             return XLA.dy_sums(x, dy, mean, lay)
-        return vary_like(dy_sums(x, dy, mean, lay.feature_axes), x, dy, mean)
+        return jax.lax.platform_dependent(
+            x, dy, mean, cpu=lambda x, dy, mean: vary_like(dy_sums(x, dy, mean, lay.feature_axes), x, dy, mean),
+            default=lambda x, dy, mean: XLA.dy_sums(x, dy, mean, lay))
 
 
 CPU = _CpuFfi()
