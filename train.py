@@ -3,6 +3,7 @@ r"""Trains an image classifier with synchronized BatchNorm, on one host or sever
   python train.py                                      # configs/default.py: the article's CNN
   python train.py --config configs/resnet.py --workdir runs/resnet
   python train.py --config.norm=flax                   # A/B: Flax's BatchNorm
+  python train.py --config.api=nnx                     # the NNX models and training path
   python train.py --config configs/smoke.py --config.num_epochs=1 --workdir /tmp/smoke
 
 Running again with the same --workdir resumes from its latest checkpoint (a finished run is
@@ -40,7 +41,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)  # so that configs can `from configs import default`
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plot go here (default: runs/<config>_<norm>).")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plot go here (default: runs/<config>_<norm>[_nnx]).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (several hosts).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -139,7 +140,8 @@ def main(argv):
     workdir = FLAGS.workdir
     if workdir is None:
         name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
-        workdir = os.path.join("runs", f"{name}_{config.norm}")
+        api = "" if config.get("api", "linen") == "linen" else f"_{config.api}"
+        workdir = os.path.join("runs", f"{name}_{config.norm}{api}")
     distributed.watch_peers(lambda: _kept(workdir))
     try:
         _, summary = loop.train_and_evaluate(config, workdir)

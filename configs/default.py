@@ -44,7 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: 'cnn' (the article's), 'resnet20' or 'mlp' (test-only tiny model).
     config.model = "cnn"
-    # BatchNorm: 'jaxbn' (jaxbn.linen.BatchNorm) or 'flax' (flax.linen.BatchNorm).
+    # Training path: 'linen' (jaxbn.models, steps.py) or 'nnx' (jaxbn.models_nnx, nnx_steps.py:
+    # nnx.Optimizer and a sharded nnx.jit over every device; `parallel` is not used).
+    config.api = "linen"
+    # BatchNorm: 'jaxbn' (jaxbn.linen/jaxbn.nnx.BatchNorm) or 'flax' (flax.linen/flax.nnx.BatchNorm).
     config.norm = "jaxbn"
     config.bn_momentum = 0.9  # Flax convention (PyTorch's momentum=0.1), as in Flax's imagenet example.
     config.bn_epsilon = 1e-5

@@ -6,6 +6,8 @@
     parallel.py     the parallel modes 'shard_map', 'pmap', 'jit' as objects (MODES), the mesh
     state.py        create_model, the learning-rate schedule, the optimizer, TrainState
     steps.py        train_step, eval_step, Steps, make_steps, evaluate
+    nnx_state.py    the NNX path (config.api='nnx'): NNX model, NNXTrainer, NNXTrainState
+    nnx_steps.py    the NNX path's nnx.jit train/eval steps, NNXSteps, nnx_steps_for
     checkpoints.py  the orbax manager, save/restore, CheckpointError, the resume check
     metrics.py      metrics.jsonl, its plot, the progress bar
     distributed.py  initialize_distributed (several processes)

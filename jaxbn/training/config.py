@@ -17,9 +17,10 @@ import ml_collections
 from jaxbn import models
 from jaxbn.training.parallel import PARALLEL_MODES
 
-__all__ = ["ConfigError", "NORMS", "OPTIMIZERS", "SCHEDULES", "PARALLEL_MODES", "RUN_CONTROL_FIELDS",
+__all__ = ["ConfigError", "APIS", "NORMS", "OPTIMIZERS", "SCHEDULES", "PARALLEL_MODES", "RUN_CONTROL_FIELDS",
            "REQUIRED_FIELDS", "check_config", "config_dict", "save_config", "saved_config_diffs"]
 
+APIS = ("linen", "nnx")  # the training path: steps.py (Linen) or nnx_steps.py (NNX)
 NORMS = ("jaxbn", "flax")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -101,6 +102,8 @@ def _positive(config, field, allow_zero=False, allow_minus_one=False):
 def _check_choices(config) -> None:
     _choice(config, "model", tuple(models.MODELS))
     _choice(config, "norm", NORMS)
+    if "api" in config:  # configs written before the field existed mean 'linen'
+        _choice(config, "api", APIS)
     _choice(config, "parallel", PARALLEL_MODES)
     _choice(config, "optimizer", OPTIMIZERS)
     _choice(config, "lr_schedule", SCHEDULES)

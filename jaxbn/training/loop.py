@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Tuple
         state, start = _restore_or_init(run)
         if run.finished is None:
             logging.info("%s (%s BN, %s) on %d device(s) x %d process(es); %d steps of %d images, "
-                         "%d steps/epoch", config.model, config.norm, config.parallel, jax.device_count(),
+                         "%d steps/epoch", config.model, config.norm, run.steps.parallel, jax.device_count(),
                          run.process_count, run.total_steps, config.global_batch_size, run.steps_per_epoch)
         state, step, stopped, last_eval, throughput = _train(run, run.steps.to_device(state), start)
         state = run.steps.from_device(state)
@@ -209,7 +209,11 @@ def _setup(config, workdir: str) -> _Run:
     metrics = MetricsWriter(metrics_path, pidx == 0, manager.latest_step)
     if manager.latest_step() is not None:  # before compiling anything
         check_resume_config(config, os.path.join(workdir, "config.json"))
-    steps, schedule = steps_for(config, ds.num_classes, ds.image_shape, spe, total)
+    if config.get("api", "linen") == "nnx":  # jaxbn/training/nnx_steps.py: nnx.jit on a sharded batch
+        from jaxbn.training.nnx_steps import nnx_steps_for
+        steps, schedule = nnx_steps_for(config, ds.num_classes, ds.image_shape, spe, total)
+    else:
+        steps, schedule = steps_for(config, ds.num_classes, ds.image_shape, spe, total)
     return _Run(config, workdir, train_split, test_split, spe, total, eval_bs, manager, metrics, steps,
                 schedule, pidx, pcount, finished)
 
@@ -345,7 +349,8 @@ def _summary(run: _Run, state: TrainState, step: int, stopped: bool, throughput:
     config = run.config
     return {
         "step": step, "stopped": stopped, "nonfinite_steps": int(local_value(state.nonfinite_steps)),
-        "model": config.model, "norm": config.norm, "parallel": config.parallel,
+        "model": config.model, "norm": config.norm, "parallel": run.steps.parallel,
+        "api": config.get("api", "linen"),
         "devices": jax.device_count(), "processes": run.process_count,
         "traces": dict(run.steps.traces), "wall_time_s": time.perf_counter() - t_start,
         "train_time_s": throughput.seconds,
