@@ -136,9 +136,11 @@ class BatchNorm(_FlaxBatchNorm):
                 count.value = new.count
         return y
 
+    @nn.nowrap  # helpers, not module methods: no row of their own in nn.tabulate, no scope
     def _counts_updates(self) -> bool:  # whether a batch_stats/count variable is needed
         return False
 
+    @nn.nowrap
     def _renorm_limits(self, count):  # (r_max, d_max) for Batch Renormalization, else None
         return None
 
@@ -157,8 +159,10 @@ class BatchRenorm(BatchNorm):
     d_max: float = 5.0
     schedule: Optional[Callable] = None
 
+    @nn.nowrap
     def _counts_updates(self) -> bool:
         return self.schedule is not None
 
+    @nn.nowrap
     def _renorm_limits(self, count):
         return (self.r_max, self.d_max) if self.schedule is None else self.schedule(count)

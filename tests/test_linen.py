@@ -299,3 +299,37 @@ def test_traced_epsilon_in_training():
         static_argnums=1,
     )
     assert rel_err(f(0.5, bl.BatchNorm), f(0.5, nn.BatchNorm)) < RTOL["float32"]
+
+
+@pytest.mark.parametrize("norm", [bl.BatchNorm, lambda **k: bl.BatchRenorm(schedule=lambda c: (3.0, 5.0), **k)])
+def test_tabulate_and_method_calls_as_flax(norm):
+    """nn.tabulate (and every interceptor) sees one BatchNorm call per layer, as with Flax's:
+    the module's helpers are not module methods."""
+
+    def net(bn):
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(3)(bn(use_running_average=False)(nn.Dense(4)(x)))
+
+        return Net()
+
+    x = _x((6, 5))
+    calls = []
+
+    def spy(next_fun, args, kwargs, context):
+        calls.append((type(context.module).__mro__[-3].__name__, context.method_name))
+        return next_fun(*args, **kwargs)
+
+    rows = {}
+    for name, bn in (("flax", nn.BatchNorm), ("jaxbn", norm)):
+        table = nn.tabulate(net(bn), jax.random.key(0), mutable=True)(x)
+        assert "_counts_updates" not in table and "_renorm_limits" not in table
+        rows[name] = table.count("\n") - 2 * table.count("count")  # BatchRenorm's schedule: a count variable
+        v = net(bn).init(jax.random.key(0), x)
+        calls.clear()
+        with nn.intercept_methods(spy):
+            net(bn).apply(v, x, mutable=["batch_stats"])
+        rows[name, "calls"] = [m for _, m in calls]
+    assert rows["jaxbn"] == rows["flax"]
+    assert rows["jaxbn", "calls"] == rows["flax", "calls"] == ["__call__"] * 4
