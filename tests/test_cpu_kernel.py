@@ -496,3 +496,28 @@ def test_kernels_are_chosen_by_the_platform_the_program_is_lowered_for():
         exp = jax.export.export(f, platforms=("cuda",))(x, p)
     assert "jaxbn_moments" in cpu and "jaxbn_dy_sums" in cpu
     assert exp.platforms == ("cuda",)
+
+
+def test_use_is_part_of_the_jit_cache_key_so_export_works_without_kernels(built):
+    """A step jitted with the kernels is traced again inside ``use("0")``: its program has no
+    custom call there, and jax.export (which refuses custom calls) takes it."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 16)) + 1, jnp.float32)
+    p = {"scale": jnp.full((16,), 1.5), "bias": jnp.full((16,), 0.5)}
+
+    def step(x, p):
+        def loss(x, p):
+            y, st = jaxbn.batch_norm(x, p, jaxbn.init_state(16), training=True)
+            return jnp.sum(y * y), st
+
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, p)
+
+    f = jax.jit(step)
+    with cpu_kernel.use("1"):
+        outside = f(x, p)
+        assert _hlo.custom_calls(f.lower(x, p).compile().as_text(), "jaxbn_")
+    with cpu_kernel.use("0"):
+        assert not _hlo.custom_calls(f.lower(x, p).compile().as_text(), "jaxbn_")
+        inside = f(x, p)
+        exp = jax.export.export(f, platforms=("cpu",))(x, p)
+    np.testing.assert_allclose(exp.call(x, p)[1][0], outside[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(inside[1][0], outside[1][0], rtol=1e-5, atol=1e-5)

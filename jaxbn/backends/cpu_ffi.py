@@ -57,6 +57,9 @@ _TARGETS = {"jaxbn_moments": "JaxbnMoments", "jaxbn_masked_moments": "JaxbnMaske
 _MODES = ("auto", "0", "1")
 _override: Optional[str] = None
 _build_error: Optional[str] = None
+# The setting is part of jax.jit's cache key: a function traced under one setting is traced
+# again under another, instead of reusing a program with (or without) the kernels.
+_jit_key = jax.make_user_context(None)
 
 
 def mode() -> str:
@@ -69,16 +72,18 @@ def mode() -> str:
 
 @contextlib.contextmanager
 def use(setting: str):
-    """Within the block, functions *traced* use this setting (``'auto'``, ``'0'``, ``'1'``).
+    """Within the block, functions traced use this setting (``'auto'``, ``'0'``, ``'1'``).
 
-    The choice is made at trace time: a function jitted before keeps its program.
+    The setting is part of ``jax.jit``'s cache key, so a function already jitted outside
+    the block is traced again inside it (e.g. for ``jax.export`` without the kernels).
     """
     global _override
     if setting not in _MODES:
         raise ValueError(f"setting must be one of {_MODES}, got {setting!r}")
     old, _override = _override, setting
     try:
-        yield
+        with _jit_key(setting):
+            yield
     finally:
         _override = old
 
