@@ -62,3 +62,48 @@ def write_small_idx(directory, num_train: int = 512, num_test: int = 300) -> str
     splits = {name: {"image": split["image"][:n, ..., 0], "label": split["label"][:n].astype(np.uint8)}
               for name, split, n in (("train", ds.train, num_train), ("test", ds.test, num_test))}
     return write_idx_dir(directory, splits)
+
+
+# ---- train.py's library in tests: one smoke run, its state on the host, comparisons.
+
+
+def smoke_config(data_dir, **overrides):
+    """configs/smoke.py on `data_dir`, with one NaN batch at step index 5 (every run skips it:
+    the counter must survive resumes), then `overrides`."""
+    from configs import smoke
+
+    config = smoke.get_config()
+    config.dataset = data_dir
+    config.debug_nan_step = 5
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+def run_training(config, workdir):
+    from jaxbn import train_lib
+
+    return train_lib.train_and_evaluate(config, str(workdir))
+
+
+def host(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, tree)
+
+
+def assert_trees_close(a, b, rtol=0.0, atol=0.0):
+    """Leaf by leaf (exact by default), naming the first leaf that differs."""
+    import jax
+
+    flat_a, flat_b = jax.tree.leaves_with_path(host(a)), jax.tree.leaves(host(b))
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def read_metrics(workdir):
+    import json
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from configs import smoke  # noqa: E402
-from helpers import write_small_idx  # noqa: E402
+from helpers import (assert_trees_close, host, read_metrics, run_training, smoke_config,  # noqa: E402
+                     write_small_idx)
 from jaxbn import data, models, models_nnx, train_lib  # noqa: E402
 from jaxbn import nnx as bn_nnx  # noqa: E402
 from jaxbn.sync_check import check_sync_bn  # noqa: E402
@@ -41,33 +41,10 @@ def data_dir(tmp_path_factory):
 
 
 def make_config(data_dir, **overrides):
-    config = smoke.get_config()
-    config.dataset = data_dir
-    config.api = "nnx"
-    config.debug_nan_step = 5  # one NaN batch: skipped, and counted across resumes
-    for k, v in overrides.items():
-        config[k] = v
-    return config
+    return smoke_config(data_dir, **{"api": "nnx", **overrides})
 
 
-def run(config, workdir):
-    return train_lib.train_and_evaluate(config, str(workdir))
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, tree)
-
-
-def assert_trees_close(a, b, rtol=0.0, atol=0.0):
-    flat_a, flat_b = jax.tree.leaves_with_path(host(a)), jax.tree.leaves(host(b))
-    assert len(flat_a) == len(flat_b)
-    for (path, x), y in zip(flat_a, flat_b):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+run = run_training
 
 
 @pytest.fixture(scope="module")
