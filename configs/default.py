@@ -48,9 +48,26 @@ def get_config() -> ml_collections.ConfigDict:
     # nnx.Optimizer and a sharded nnx.jit over every device; `parallel` is not used).
     config.api = "linen"
     # BatchNorm: 'jaxbn' (jaxbn.linen/jaxbn.nnx.BatchNorm) or 'flax' (flax.linen/flax.nnx.BatchNorm).
+    # The studies in experiments/ also use (Linen only) 'batch_renorm' (jaxbn.linen.BatchRenorm),
+    # 'group_norm' (flax.linen.GroupNorm, batch-independent) and 'none' (no normalization layer).
     config.norm = "jaxbn"
     config.bn_momentum = 0.9  # Flax convention (PyTorch's momentum=0.1), as in Flax's imagenet example.
-    config.bn_epsilon = 1e-5
+    config.bn_epsilon = 1e-5  # also GroupNorm's
+
+    # Variants (Linen only; these defaults are the models above).
+    # bn_sync=False: 'jaxbn'/'flax'/'batch_renorm' normalize with each device's own statistics
+    # (axis_name=None, what forgetting to synchronize gives; shard_map/pmap only) and the
+    # running statistics are averaged over the devices after each step, as Flax's imagenet
+    # example does before evaluating.
+    config.bn_sync = True
+    # 'batch_renorm': plain BN for this many steps, then r_max grows to 3 by 8x and d_max to 5 by 5x
+    # this many steps (the paper's 5k/40k/25k, jaxbn.renorm_limits); 0: r_max=3, d_max=5 throughout.
+    config.renorm_warmup_steps = 5000
+    config.group_norm_groups = 8  # 'group_norm': channel groups; must divide every normalized width
+    # 'cnn': True gives Conv -> BN -> ReLU (Ioffe & Szegedy), not the article's Conv -> ReLU -> BN.
+    config.cnn_norm_before_relu = False
+    config.resnet_width = 16  # 'resnet20': the first stage's filters (then 2x, 4x)
+    config.resnet_blocks = 3  # 'resnet20': residual blocks per stage; n gives ResNet-(6n+2), e.g. 1: ResNet-8
 
     # Optimization: 'adam', 'adamw' or 'sgd'; schedule 'constant' or 'cosine'.
     config.optimizer = "adam"

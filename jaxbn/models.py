@@ -36,6 +36,10 @@ class CNN(nn.Module):
     gradient (ties to the first maximum) and is much faster to differentiate on
     XLA:CPU. ``pool=flax.linen.max_pool`` gives the same model (no parameters
     change); it is there for A/B timing.
+
+    ``norm_before_relu=True`` swaps the first ReLU and BatchNorm (Conv → BatchNorm →
+    ReLU, where Ioffe & Szegedy place it; the article places it after the ReLU):
+    the same parameters, another function.
     """
 
     num_classes: int = 10
@@ -44,12 +48,15 @@ class CNN(nn.Module):
     norm: Callable[..., nn.Module] = bn_linen.BatchNorm
     use_norm: bool = True  # False gives the article's no-BN baseline.
     pool: Callable[..., Any] = max_pool
+    norm_before_relu: bool = False  # True: Conv → BatchNorm → ReLU (Ioffe & Szegedy's order).
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = nn.Conv(self.features, (3, 3), padding="VALID", name="Conv_0")(x)
+        if self.use_norm and self.norm_before_relu:
+            x = self.norm(use_running_average=not train, name="BatchNorm_0")(x)
         x = nn.relu(x)
-        if self.use_norm:
+        if self.use_norm and not self.norm_before_relu:
             x = self.norm(use_running_average=not train, name="BatchNorm_0")(x)
         x = self.pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))

@@ -17,11 +17,16 @@ import ml_collections
 from jaxbn import models
 from jaxbn.training.parallel import PARALLEL_MODES
 
-__all__ = ["ConfigError", "APIS", "NORMS", "OPTIMIZERS", "SCHEDULES", "PARALLEL_MODES", "RUN_CONTROL_FIELDS",
-           "REQUIRED_FIELDS", "check_config", "config_dict", "save_config", "saved_config_diffs"]
+__all__ = ["ConfigError", "APIS", "NORMS", "NORM_VARIANTS", "OPTIMIZERS", "SCHEDULES", "PARALLEL_MODES",
+           "RUN_CONTROL_FIELDS", "REQUIRED_FIELDS", "VARIANT_FIELDS", "check_config", "config_dict",
+           "save_config", "saved_config_diffs", "variant_field"]
 
 APIS = ("linen", "nnx")  # the training path: steps.py (Linen) or nnx_steps.py (NNX)
-NORMS = ("jaxbn", "flax")
+NORMS = ("jaxbn", "flax")  # the two BatchNorm implementations (A/B runs)
+# Other normalizations, for the studies in experiments/ (Linen path only): 'batch_renorm' is
+# jaxbn.linen.BatchRenorm, 'group_norm' flax.linen.GroupNorm, 'none' no normalization layer.
+NORM_VARIANTS = ("batch_renorm", "group_norm", "none")
+_BATCH_STAT_NORMS = ("jaxbn", "flax", "batch_renorm")  # the norms that config.bn_sync applies to
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
@@ -32,6 +37,18 @@ REQUIRED_FIELDS = (
     "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
     "stop_after_steps", "debug_nan_step", "train_examples", "test_examples",
     "warmup_epochs", "momentum", "nesterov", "weight_decay", "progress_bar")
+
+# Fields for the model and normalization variants (configs/default.py documents them). They
+# are optional: a config, or a saved config.json, without one means the value here, which is
+# what runs did before the field existed.
+VARIANT_FIELDS = {
+    "bn_sync": True,
+    "renorm_warmup_steps": 5000,
+    "group_norm_groups": 8,
+    "cnn_norm_before_relu": False,
+    "resnet_width": 16,
+    "resnet_blocks": 3,
+}
 
 # Config fields that may change when a run is resumed: they do not change the
 # trajectory of the parameters.
@@ -80,8 +97,14 @@ def saved_config_diffs(config: ml_collections.ConfigDict, path: str) -> List[str
     with open(path) as f:
         saved = json.load(f)
     now = config_dict(config)
+    saved, now = {**VARIANT_FIELDS, **saved}, {**VARIANT_FIELDS, **now}
     return [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in RUN_CONTROL_FIELDS and saved.get(k) != now.get(k)]
+
+
+def variant_field(config: ml_collections.ConfigDict, name: str):
+    """``config[name]`` for a field of `VARIANT_FIELDS`, or its default there when `config` lacks it."""
+    return config.get(name, VARIANT_FIELDS[name])
 
 
 def _choice(config, field, choices):
@@ -101,7 +124,7 @@ def _positive(config, field, allow_zero=False, allow_minus_one=False):
 
 def _check_choices(config) -> None:
     _choice(config, "model", tuple(models.MODELS))
-    _choice(config, "norm", NORMS)
+    _choice(config, "norm", NORMS + NORM_VARIANTS)
     if "api" in config:  # configs written before the field existed mean 'linen'
         _choice(config, "api", APIS)
     _choice(config, "parallel", PARALLEL_MODES)
@@ -129,6 +152,39 @@ def _check_ranges(config) -> None:
         raise ConfigError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs!r}")
     if not (isinstance(config.seed, int) and config.seed >= 0):
         raise ConfigError(f"config.seed must be a non-negative int, got {config.seed!r}")
+    _check_variants(config)
+
+
+def _check_variants(config) -> None:
+    """The fields of `VARIANT_FIELDS`: types, ranges, and the models, norms and modes they fit."""
+    v = {name: variant_field(config, name) for name in VARIANT_FIELDS}
+    for name in ("bn_sync", "cnn_norm_before_relu"):
+        if not isinstance(v[name], bool):
+            raise ConfigError(f"config.{name} must be True or False, got {v[name]!r}")
+    for name, least in (("renorm_warmup_steps", 0), ("group_norm_groups", 1), ("resnet_width", 1),
+                        ("resnet_blocks", 1)):
+        if not (isinstance(v[name], int) and not isinstance(v[name], bool) and v[name] >= least):
+            raise ConfigError(f"config.{name} must be an int >= {least}, got {v[name]!r}")
+    if not v["bn_sync"]:
+        if config.norm not in _BATCH_STAT_NORMS:
+            raise ConfigError(f"config.bn_sync=False (per-device statistics) applies to norm "
+                              f"{list(_BATCH_STAT_NORMS)}, got norm={config.norm!r}")
+        if config.parallel == "jit":
+            raise ConfigError("config.bn_sync=False needs parallel 'shard_map' or 'pmap': under 'jit' "
+                              "the step sees the whole batch and its statistics are global")
+    if v["cnn_norm_before_relu"] and config.model != "cnn":
+        raise ConfigError(f"config.cnn_norm_before_relu=True applies to model 'cnn', got {config.model!r}")
+    resnet = [f"{name}={v[name]}" for name in ("resnet_width", "resnet_blocks")
+              if v[name] != VARIANT_FIELDS[name]]
+    if resnet and config.model != "resnet20":
+        raise ConfigError(f"config.{' and config.'.join(resnet)} apply to model 'resnet20', got "
+                          f"{config.model!r}")
+    if config.get("api", "linen") == "nnx":
+        changed = [f"{name}={v[name]!r}" for name in VARIANT_FIELDS if v[name] != VARIANT_FIELDS[name]]
+        if config.norm not in NORMS or changed:
+            what = ", ".join(([f"norm={config.norm!r}"] if config.norm not in NORMS else []) + changed)
+            raise ConfigError(f"config.api='nnx' trains BatchNorm models only ({', '.join(NORMS)}) with the "
+                              f"default variant fields; {what} need(s) api='linen'")
 
 
 def _check_batch_split(b: int, num_devices: int, process_count: int) -> None:

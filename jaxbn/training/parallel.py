@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -81,6 +82,13 @@ class ParallelMode:
     def global_size(self, local: int) -> int:
         """The number of examples in the global batch."""
         return local * jax.lax.axis_size(AXIS)
+
+    def device_mean(self, tree):
+        """The mean over the devices of per-device values, as one replicated value: what makes
+        per-device running statistics (``config.bn_sync=False``) a state again. Integer leaves
+        (update counts, equal on every device) keep their value and dtype."""
+        return jax.tree.map(lambda x: jax.lax.pmean(x, AXIS) if jnp.issubdtype(x.dtype, jnp.inexact)
+                            else jax.lax.pmax(x, AXIS), tree)
 
     # Around the step.
 
@@ -161,6 +169,9 @@ class Jit(ParallelMode):
 
     def global_size(self, local):
         return local
+
+    def device_mean(self, tree):
+        return tree  # nothing is per-device: the body sees the global batch
 
     def wrap(self, step_fn, mesh, *, donate_state=False):
         repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))

@@ -20,6 +20,8 @@ import optax
 
 from jaxbn import linen as bn_linen
 from jaxbn import models
+from jaxbn.batch_renorm import renorm_limits
+from jaxbn.training.config import variant_field
 from jaxbn.training.parallel import get_mode
 
 __all__ = ["TrainState", "create_model", "create_learning_rate_schedule", "create_optimizer",
@@ -43,12 +45,59 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     `norm='jaxbn'` uses `jaxbn.linen.BatchNorm`, `'flax'` uses
     `flax.linen.BatchNorm`, both with ``axis_name='batch'`` under shard_map and
     pmap, and ``axis_name=None`` under sharded jit (where the statistics are
-    global: jaxbn/backends/spmd.py merges them in one all-reduce).
+    global: jaxbn/backends/spmd.py merges them in one all-reduce). The variants
+    (`config.norm` 'batch_renorm', 'group_norm', 'none'; `config.bn_sync`,
+    `config.cnn_norm_before_relu`, `config.resnet_width`, `config.resnet_blocks`)
+    are described in configs/default.py; see `create_norm`.
     """
-    cls = bn_linen.BatchNorm if config.norm == "jaxbn" else nn.BatchNorm
-    norm = functools.partial(cls, axis_name=get_mode(config.parallel).bn_axis_name,
-                             momentum=config.bn_momentum, epsilon=config.bn_epsilon)
-    return models.MODELS[config.model](num_classes=num_classes, norm=norm)
+    kwargs = {}
+    if config.model == "cnn" and variant_field(config, "cnn_norm_before_relu"):
+        kwargs["norm_before_relu"] = True
+    if config.model == "resnet20":
+        kwargs["width"] = variant_field(config, "resnet_width")
+        kwargs["stage_sizes"] = (variant_field(config, "resnet_blocks"),) * 3
+    return models.MODELS[config.model](num_classes=num_classes, norm=create_norm(config), **kwargs)
+
+
+def create_norm(config: ml_collections.ConfigDict):
+    """The normalization factory for `config.norm`, called by the models as
+    ``norm(use_running_average=..., name=..., [scale_init=...])``.
+
+    'jaxbn', 'flax' and 'batch_renorm' (`jaxbn.linen.BatchRenorm`, limits from
+    `config.renorm_warmup_steps`) take the parallel mode's ``axis_name``, or None
+    (each device's own statistics) when `config.bn_sync` is False. 'group_norm' is
+    `flax.linen.GroupNorm` with `config.group_norm_groups` groups (no running
+    statistics: training and evaluation compute the same); 'none' is the identity.
+    """
+    axis_name = get_mode(config.parallel).bn_axis_name if variant_field(config, "bn_sync") else None
+    common = dict(axis_name=axis_name, momentum=config.bn_momentum, epsilon=config.bn_epsilon)
+    if config.norm == "jaxbn":
+        return functools.partial(bn_linen.BatchNorm, **common)
+    if config.norm == "flax":
+        return functools.partial(nn.BatchNorm, **common)
+    if config.norm == "batch_renorm":
+        warmup = variant_field(config, "renorm_warmup_steps")
+        limits = {} if warmup == 0 else {"schedule": functools.partial(
+            renorm_limits, warmup_steps=warmup, r_max_steps=8 * warmup, d_max_steps=5 * warmup)}
+        return functools.partial(bn_linen.BatchRenorm, **common, **limits)
+    if config.norm == "group_norm":
+        return functools.partial(_group_norm, num_groups=variant_field(config, "group_norm_groups"),
+                                 epsilon=config.bn_epsilon)
+    if config.norm == "none":
+        return _no_norm
+    raise ValueError(f"unknown config.norm {config.norm!r}")  # check_config refuses it first
+
+
+def _group_norm(*, use_running_average=None, **kwargs) -> nn.Module:
+    """`flax.linen.GroupNorm`, called like a BatchNorm factory (it has no running statistics)."""
+    del use_running_average
+    return nn.GroupNorm(**kwargs)
+
+
+def _no_norm(**kwargs):
+    """No normalization: the identity, called like a BatchNorm factory."""
+    del kwargs
+    return lambda x: x
 
 
 def create_learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxbn.training import batches
+from jaxbn.training.config import VARIANT_FIELDS, variant_field
 from jaxbn.training.parallel import JIT, ParallelMode, get_mode, make_mesh
 from jaxbn.training.state import (TrainState, create_learning_rate_schedule, create_model,
                                   create_optimizer, create_train_state)
@@ -38,11 +39,15 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, parallel) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, parallel,
+               local_stats: bool = False) -> Tuple[TrainState, Dict[str, jax.Array]]:
     """One optimizer step on the global batch under `parallel` (a mode or its name).
 
     Under ``'shard_map'`` and ``'pmap'`` this is the per-device body (the batch is
     the device's slice); under ``'jit'`` it sees the whole (sharded) batch.
+    `local_stats`: the model's norm layers use each device's own statistics
+    (``config.bn_sync=False``); their running statistics are then averaged over
+    the devices, so that the state stays one replicated value.
 
     Returns:
       ``(new_state, metrics)`` with metrics ``loss`` (global mean cross-entropy),
@@ -61,6 +66,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Modu
         return mode.mean_loss(loss_sum, local), (updates["batch_stats"], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if local_stats:
+        batch_stats = mode.device_mean(batch_stats)
     grads, loss = mode.reduce_grads(grads, loss)
     correct = mode.global_sum(jnp.sum(jnp.argmax(logits, -1) == labels))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -152,7 +159,9 @@ def make_steps(config, model: nn.Module, tx: optax.GradientTransformation,
     mesh = make_mesh() if mesh is None else mesh
     mode = get_mode(config.parallel)
     traces = {"train": 0, "eval": 0}
-    tstep = _counted(traces, "train", functools.partial(train_step, model=model, tx=tx, parallel=mode))
+    local_stats = not variant_field(config, "bn_sync")
+    tstep = _counted(traces, "train", functools.partial(train_step, model=model, tx=tx, parallel=mode,
+                                                        local_stats=local_stats))
     estep = _counted(traces, "eval", functools.partial(eval_step, model=model, parallel=mode))
     init = jax.jit(functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape),
                    out_shardings=NamedSharding(mesh, P()))
@@ -162,7 +171,8 @@ def make_steps(config, model: nn.Module, tx: optax.GradientTransformation,
 
 # Config fields that determine the compiled steps (through the model and optimizer).
 _STEP_FIELDS = ("model", "norm", "bn_momentum", "bn_epsilon", "parallel", "optimizer",
-                "learning_rate", "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay")
+                "learning_rate", "lr_schedule", "warmup_epochs", "momentum", "nesterov",
+                "weight_decay") + tuple(VARIANT_FIELDS)
 
 # Initialization runs no collective, so every mode shares the one compiled for this mode.
 _INIT_MODE = JIT.name
@@ -190,7 +200,7 @@ def steps_for(config, num_classes: int, image_shape, steps_per_epoch: int,
     """`make_steps` for `config` and its learning-rate schedule, shared by runs in one
     process that compile the same steps (tests, notebooks); jit's cache alone would
     not see that two runs' models are equal."""
-    fields = tuple((f, config[f]) for f in _STEP_FIELDS)
+    fields = tuple((f, variant_field(config, f) if f in VARIANT_FIELDS else config[f]) for f in _STEP_FIELDS)
     return _cached_steps(fields, num_classes, tuple(image_shape), steps_per_epoch, total_steps,
                          tuple(d.id for d in jax.devices()))
 
