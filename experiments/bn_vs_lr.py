@@ -65,10 +65,7 @@ def make_config(model: str, optimizer: str, lr: float, seed: int, sizes: dict):
     c.num_epochs = sizes["epochs"]
     total = sizes["epochs"] * (sizes["train_examples"] // BATCH)
     c.seed = seed
-    c.log_every_steps = max(1, total // 30)
-    c.checkpoint_every_steps = total  # only the last step's checkpoint, in a temporary directory
-    c.max_checkpoints_to_keep = 1
-    c.progress_bar = False
+    common.quiet_run(c, total, 30)
     return c
 
 

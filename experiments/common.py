@@ -178,6 +178,15 @@ def environment() -> Dict[str, Any]:
     }
 
 
+def quiet_run(config, total_steps: int, log_points: int) -> None:
+    """A study's run controls: about `log_points` log lines, only the last step's checkpoint (in
+    the run's temporary directory), no progress bar."""
+    config.log_every_steps = max(1, total_steps // log_points)
+    config.checkpoint_every_steps = total_steps
+    config.max_checkpoints_to_keep = 1
+    config.progress_bar = False
+
+
 def train_run(config) -> Dict[str, Any]:
     """Trains `config` with `train_and_evaluate` in a temporary work directory (deleted after).
 

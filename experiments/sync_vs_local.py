@@ -78,10 +78,7 @@ def make_config(arm: str, per_device_batch: int, seed: int, sizes: dict):
     c.warmup_epochs = 0.1 * sizes["epochs"]
     c.renorm_warmup_steps = max(1, total // 10)
     c.seed = seed
-    c.log_every_steps = max(1, total // 20)
-    c.checkpoint_every_steps = total  # only the last step's checkpoint, in a temporary directory
-    c.max_checkpoints_to_keep = 1
-    c.progress_bar = False
+    common.quiet_run(c, total, 20)
     return c
 
 
