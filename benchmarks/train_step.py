@@ -20,6 +20,11 @@ as ``<norm>+flaxpool``, with ``flax.linen.max_pool`` (whose XLA:CPU gradient is
 a slow ``select_and_scatter``); both give the same outputs and gradients
 (tests/test_max_pool.py). ``--pools`` picks which.
 
+The convolutions: the models' own (`jaxbn.conv.conv_general_dilated`: im2col on
+the CPU for the first layer's narrow patches) and, as ``<norm>+laxconv``,
+``flax.linen.Conv``'s ``lax.conv_general_dilated`` (the same variables and, up
+to summation order, values; tests/test_conv.py). ``--convs`` picks which.
+
 PyTorch (``torch``): the same networks, channels_last, Adam, in a worker process
 of their own (torch_train_step.py; its OpenMP threads stay out of this process),
 whose samples are interleaved with the JAX candidates' round by round and timed
@@ -52,7 +57,25 @@ import _common  # noqa: E402
 MODELS = {"cnn": ((28, 28, 1), 10), "resnet20": ((32, 32, 3), 10)}
 NORMS = ("jaxbn", "flax", "none", "jaxbn+patch")
 POOLS = ("jaxbn", "flax")  # the CNN's max-pool: jaxbn.max_pool.max_pool or flax.linen.max_pool
+CONVS = ("jaxbn", "lax")  # the models' convolutions: jaxbn.conv.conv_general_dilated or lax's
 STEPS = {"cnn": 10, "resnet20": 1}
+
+
+@contextlib.contextmanager
+def _conv(conv):
+    """While tracing, the models' convolutions are flax.linen.Conv's own for conv='lax'."""
+    if conv != "lax":
+        yield
+        return
+    import flax.linen as nn
+
+    from jaxbn import models
+
+    saved, models._CONV = models._CONV, nn.Conv
+    try:
+        yield
+    finally:
+        models._CONV = saved
 
 
 @contextlib.contextmanager
@@ -92,8 +115,8 @@ def _no_norm():
     return NoNorm
 
 
-def build(model_name: str, norm: str, batch: int = 128, seed: int = 0, pool: str = "jaxbn"):
-    """(compiled step, initial state, batch, temp bytes) for one model, norm and (CNN) max-pool."""
+def build(model_name: str, norm: str, batch: int = 128, seed: int = 0, pool: str = "jaxbn", conv: str = "jaxbn"):
+    """(compiled step, initial state, batch, temp bytes) for one model, norm, (CNN) max-pool and convolution."""
     import functools
 
     import flax.linen as nn
@@ -113,7 +136,7 @@ def build(model_name: str, norm: str, batch: int = 128, seed: int = 0, pool: str
     rng = jax.random.key(seed)
     images = jax.random.normal(rng, (batch,) + shape, jnp.float32)
     labels = jax.random.randint(jax.random.key(seed + 1), (batch,), 0, ncls)
-    with _core(norm):
+    with _core(norm), _conv(conv):
         variables = model.init(rng, images[:2], train=False)
     state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
              "opt_state": tx.init(variables["params"])}
@@ -130,7 +153,7 @@ def build(model_name: str, norm: str, batch: int = 128, seed: int = 0, pool: str
         return {"params": optax.apply_updates(state["params"], updates), "batch_stats": bs,
                 "opt_state": opt_state}, loss
 
-    with _core(norm):
+    with _core(norm), _conv(conv):
         compiled = jax.jit(step, donate_argnums=0).lower(state, images, labels).compile()
     temp = int(compiled.memory_analysis().temp_size_in_bytes)
     return compiled, state, (images, labels), temp
@@ -164,16 +187,18 @@ class TorchWorker:
             self.proc.kill()
 
 
-def _cand_name(norm: str, pool: str) -> str:
-    return norm if pool == "jaxbn" else f"{norm}+flaxpool"
+def _cand_name(norm: str, pool: str, conv: str = "jaxbn") -> str:
+    return norm + ("" if pool == "jaxbn" else "+flaxpool") + ("" if conv == "jaxbn" else "+laxconv")
 
 
 def measure(model_names, norms, *, rounds: int, steps: dict, batch: int = 128, budget_s: float = 120.0,
-            warmup: int = 2, pools=("jaxbn",), torch: Optional[TorchWorker] = None):
-    """{model: {candidate: {...}}}: per-round times (interleaved), ratios vs flax, flax's pool, PyTorch.
+            warmup: int = 2, pools=("jaxbn",), convs=("jaxbn",), torch: Optional[TorchWorker] = None):
+    """{model: {candidate: {...}}}: per-round times (interleaved), ratios vs flax, flax's pool, lax's
+    convolution, PyTorch.
 
     `pools` (the CNN's): ``"jaxbn"`` runs the model as it is, ``"flax"`` adds
-    ``<norm>+flaxpool`` candidates; `torch` (a `TorchWorker`) adds ``torch``.
+    ``<norm>+flaxpool`` candidates; `convs`: ``"lax"`` adds ``<norm>+laxconv``
+    candidates; `torch` (a `TorchWorker`) adds ``torch``.
     """
     import jax
     import numpy as np
@@ -181,11 +206,13 @@ def measure(model_names, norms, *, rounds: int, steps: dict, batch: int = 128, b
     out = {}
     for m in model_names:
         cands, temps, holders = {}, {}, {}
+        variants = [(p, "jaxbn") for p in (pools if m == "cnn" else ("jaxbn",))]
+        variants += [("jaxbn", c) for c in convs if c != "jaxbn"]
         for n in norms:
-            for pool in (pools if m == "cnn" else ("jaxbn",)):
-                name = _cand_name(n, pool)
+            for pool, conv in variants:
+                name = _cand_name(n, pool, conv)
                 try:
-                    fn, state, data, temp = build(m, n, batch, pool=pool)
+                    fn, state, data, temp = build(m, n, batch, pool=pool, conv=conv)
                 except Exception:  # e.g. no patch: skip that candidate
                     if n == "jaxbn+patch":
                         continue
@@ -210,11 +237,14 @@ def measure(model_names, norms, *, rounds: int, steps: dict, batch: int = 128, b
             res[n] = {"ms_per_step_median": float(1e3 * np.median(t) / steps[m]),
                       "images_per_s_median": float(np.median(ips)), "images_per_s": ips,
                       "temp_bytes": temps.get(n), "steps_per_sample": steps[m]}
-            flax_ref = "flax+flaxpool" if "+flaxpool" in n else "flax"
+            norm = max((k for k in NORMS if n.startswith(k)), key=len, default="")
+            flax_ref = "flax" + n[len(norm):]  # the same pool and convolution with Flax's BatchNorm
             if n not in ("torch", flax_ref) and flax_ref in s:
                 res[n]["speedup_vs_flax"] = _common.ratio(s, flax_ref, n)
             if n != "torch" and "+flaxpool" not in n and f"{n}+flaxpool" in s:
                 res[n]["speedup_vs_flax_pool"] = _common.ratio(s, f"{n}+flaxpool", n)
+            if n != "torch" and "+laxconv" not in n and f"{n}+laxconv" in s:
+                res[n]["speedup_vs_lax_conv"] = _common.ratio(s, f"{n}+laxconv", n)
             if n != "torch" and "torch" in s:
                 res[n]["speedup_vs_torch"] = _common.ratio(s, "torch", n)
         out[m] = res
@@ -227,6 +257,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
     ap.add_argument("--pools", nargs="+", choices=POOLS, default=list(POOLS), help="the CNN's max-pool(s)")
+    ap.add_argument("--convs", nargs="+", choices=CONVS, default=list(CONVS), help="the models' convolutions")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     ap.add_argument("--torch-threads", type=int, default=None, help="PyTorch's threads (default: torch's own)")
     ap.add_argument("--rounds", type=int, default=9)
@@ -245,7 +276,7 @@ def main(argv=None):
     torch = None if args.no_torch else TorchWorker(args.models, args.batch, args.torch_threads)
     try:
         res = measure(args.models, args.norms, rounds=args.rounds, steps=STEPS, batch=args.batch,
-                      budget_s=args.budget_s, pools=args.pools, torch=torch)
+                      budget_s=args.budget_s, pools=args.pools, convs=args.convs, torch=torch)
     finally:
         if torch is not None:
             torch.close()
@@ -257,10 +288,12 @@ def main(argv=None):
     for m, r in res.items():
         for n, v in r.items():
             rows.append([m, n, f"{v['ms_per_step_median']:.1f}", f"{v['images_per_s_median']:.0f}",
-                         x(v, "speedup_vs_flax"), x(v, "speedup_vs_flax_pool"), x(v, "speedup_vs_torch"),
+                         x(v, "speedup_vs_flax"), x(v, "speedup_vs_flax_pool"), x(v, "speedup_vs_lax_conv"),
+                         x(v, "speedup_vs_torch"),
                          v["temp_bytes"] if v["temp_bytes"] is not None else ""])
     table = _common.fmt_table(["model", "candidate", "ms/step (median)", "images/s (median)",
-                               "speed-up vs norm=flax", "speed-up vs flax max_pool", "speed-up vs PyTorch",
+                               "speed-up vs norm=flax", "speed-up vs flax max_pool", "speed-up vs lax conv",
+                               "speed-up vs PyTorch",
                                "XLA temp bytes"], rows)
     print(table)
     path = _common.save_json(f"{args.tag}.json", {

@@ -16,12 +16,19 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxbn import conv as bn_conv
 from jaxbn import linen as bn_linen
 from jaxbn.max_pool import max_pool
 
 __all__ = ["CNN", "ResNet", "ResNet20", "ResNetBlock", "MLP", "MODELS"]
 
 ModuleDef = Any
+
+# The models' convolutions take `jaxbn.conv.conv_general_dilated` (lax's values; im2col on the CPU
+# for narrow patches, such as a first layer's); if a Flax release drops Linen's (deprecated)
+# ``conv_general_dilated`` field, they fall back to Flax's own convolution.
+_CONV = (functools.partial(nn.Conv, conv_general_dilated=bn_conv.conv_general_dilated)
+         if "conv_general_dilated" in getattr(nn.Conv, "__dataclass_fields__", {}) else nn.Conv)
 
 
 class CNN(nn.Module):
@@ -52,7 +59,7 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        x = nn.Conv(self.features, (3, 3), padding="VALID", name="Conv_0")(x)
+        x = _CONV(self.features, (3, 3), padding="VALID", name="Conv_0")(x)
         if self.use_norm and self.norm_before_relu:
             x = self.norm(use_running_average=not train, name="BatchNorm_0")(x)
         x = nn.relu(x)
@@ -73,7 +80,7 @@ class ResNetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal())
+        conv = functools.partial(_CONV, use_bias=False, kernel_init=nn.initializers.he_normal())
         y = conv(self.filters, (3, 3), (self.strides, self.strides), name="Conv_0")(x)
         y = nn.relu(self.norm(name="BatchNorm_0")(y))
         y = conv(self.filters, (3, 3), name="Conv_1")(y)
@@ -95,7 +102,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         norm = functools.partial(self.norm, use_running_average=not train)
-        x = nn.Conv(self.width, (3, 3), use_bias=False, name="Conv_stem")(x)
+        x = _CONV(self.width, (3, 3), use_bias=False, name="Conv_stem")(x)
         x = nn.relu(norm(name="BatchNorm_stem")(x))
         for i, n in enumerate(self.stage_sizes):
             for j in range(n):

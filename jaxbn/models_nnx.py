@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxbn import conv as bn_conv
 from jaxbn import nnx as bn_nnx
 from jaxbn.max_pool import max_pool
 
@@ -47,7 +48,8 @@ class CNN(nnx.Module):
                  image_size: Tuple[int, int] = (28, 28), features: int = 32, hidden: int = 128,
                  norm: Callable[..., nnx.Module] = bn_nnx.BatchNorm, use_norm: bool = True,
                  pool: Callable[..., Any] = max_pool, rngs: nnx.Rngs):
-        self.Conv_0 = nnx.Conv(in_features, features, (3, 3), padding="VALID", rngs=rngs)
+        self.Conv_0 = nnx.Conv(in_features, features, (3, 3), padding="VALID",
+                               conv_general_dilated=bn_conv.conv_general_dilated, rngs=rngs)
         self.BatchNorm_0 = norm(features, rngs=rngs) if use_norm else None
         h, w = ((image_size[0] - 2) // 2, (image_size[1] - 2) // 2)  # VALID 3×3, then 2×2/2 pool
         self.Dense_0 = nnx.Linear(h * w * features, hidden, rngs=rngs)
@@ -64,8 +66,8 @@ class CNN(nnx.Module):
 
 
 def _conv(in_f, out_f, kernel, strides, rngs):
-    return nnx.Conv(in_f, out_f, kernel, strides, use_bias=False,
-                    kernel_init=nnx.initializers.he_normal(), rngs=rngs)
+    return nnx.Conv(in_f, out_f, kernel, strides, use_bias=False, kernel_init=nnx.initializers.he_normal(),
+                    conv_general_dilated=bn_conv.conv_general_dilated, rngs=rngs)
 
 
 class ResNetBlock(nnx.Module):
@@ -100,7 +102,8 @@ class ResNet(nnx.Module):
                  stage_sizes: Sequence[int] = (3, 3, 3), width: int = 16,
                  image_size: Any = None, norm: Callable[..., nnx.Module] = bn_nnx.BatchNorm, rngs: nnx.Rngs):
         del image_size  # any size works (global average pooling); accepted as the other models do
-        self.Conv_stem = nnx.Conv(in_features, width, (3, 3), use_bias=False, rngs=rngs)
+        self.Conv_stem = nnx.Conv(in_features, width, (3, 3), use_bias=False,
+                                  conv_general_dilated=bn_conv.conv_general_dilated, rngs=rngs)
         self.BatchNorm_stem = norm(width, rngs=rngs)
         names, f = [], width
         for i, n in enumerate(stage_sizes):
