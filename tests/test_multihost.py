@@ -1,10 +1,10 @@
 """train.py as several processes (jax.distributed on 127.0.0.1, gloo CPU collectives).
 
 Two processes with 4 virtual CPU devices each must train in lockstep and match
-one process with 8 devices; a process whose peer never starts must say whom it
-waits for and fail fast with a clear message; a process whose peer dies must end
-with one line naming it, and the rerun resume. Every subprocess runs under a
-timeout.
+one process with 8 devices, on the Linen path and on the NNX path
+(``--config.api=nnx``); a process whose peer never starts must say whom it waits
+for and fail fast with a clear message; a process whose peer dies must end with
+one line naming it, and the rerun resume. Every subprocess runs under a timeout.
 """
 
 import functools
@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 from configs import smoke  # noqa: E402
 from helpers import write_small_idx  # noqa: E402
 from jaxbn import train_lib  # noqa: E402
+from jaxbn.training import nnx_steps  # noqa: E402
 
 TIMEOUT_S = 80
 LOG_LINE = re.compile(r"\[process (\d)/(\d)\] step (\d+): train_loss=(\S+) train_accuracy=(\S+)")
@@ -84,11 +85,15 @@ def train_log(stderr):
 
 
 def restore_host(workdir, config):
-    """The final checkpoint of `workdir` as NumPy arrays (whatever wrote it)."""
-    model = train_lib.create_model(config, 10)
+    """The final checkpoint of `workdir` as NumPy arrays (whatever wrote it), in the state of
+    `config.api`'s path (Linen `TrainState` or NNX `NNXTrainState`)."""
     tx = train_lib.create_optimizer(config, 8, 16)
-    abstract = jax.eval_shape(functools.partial(train_lib.create_train_state, model=model, tx=tx,
-                                                image_shape=(28, 28, 1)), jax.random.key(0))
+    if config.api == "nnx":
+        init = nnx_steps.make_nnx_steps(config, 10, (28, 28, 1), tx).init
+    else:
+        init = functools.partial(train_lib.create_train_state, model=train_lib.create_model(config, 10), tx=tx,
+                                 image_shape=(28, 28, 1))
+    abstract = jax.eval_shape(init, jax.random.key(0))
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     manager = train_lib.checkpoint_manager(workdir)
     state, meta = train_lib.restore_checkpoint(manager, target)
@@ -101,8 +106,12 @@ def data_dir(tmp_path_factory):
     return write_small_idx(tmp_path_factory.mktemp("fmnist_small"))
 
 
-def test_two_processes_match_one_process(data_dir, tmp_path):
-    common = ["--config", os.path.join(ROOT, "configs", "smoke.py"), f"--config.dataset={data_dir}"]
+@pytest.mark.parametrize("api, parallel", [("linen", "shard_map"), ("nnx", "nnx.jit")])
+def test_two_processes_match_one_process(data_dir, tmp_path, api, parallel):
+    """2 processes x 4 devices = 1 process x 8 devices: the same train metrics at every logged
+    step, final state (to float tolerance) and test accuracy; on each training path."""
+    common = ["--config", os.path.join(ROOT, "configs", "smoke.py"), f"--config.dataset={data_dir}",
+              f"--config.api={api}"]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     port = free_port()
     procs = [launch(common + ["--workdir", two, "--coordinator_address", f"127.0.0.1:{port}",
@@ -111,6 +120,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     (rc0, out0, err0), (rc1, out1, err1), (rc, out, err) = wait_all(procs, TIMEOUT_S)
     assert (rc0, rc1, rc) == (0, 0, 0), (err0[-3000:], err1[-3000:], err[-3000:])
     assert "Distributed: process 0 of 2, 4 local / 8 global devices" in err0
+    assert f"BN, {parallel}) on 8 device(s) x 2 process(es)" in err0, err0[-3000:]  # the path asked for
+    assert f"BN, {parallel}) on 8 device(s) x 1 process(es)" in err, err[-3000:]
 
     # Lockstep: both processes see the same global metrics at the same steps.
     log0, log1, log = train_log(err0), train_log(err1), train_log(err)
@@ -124,6 +135,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
 
     # Same final state as one process with 8 devices, up to float summation order.
     config = smoke.get_config()
+    config.api = api
     state2, meta2 = restore_host(two, config)
     state1, meta1 = restore_host(one, config)
     assert meta2 == meta1 and meta2["step"] == 16
@@ -133,6 +145,9 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     assert final2["test_accuracy"] == final1["test_accuracy"]
     assert final2["test_loss"] == pytest.approx(final1["test_loss"], rel=1e-5)
     assert final2["traces"] == {"train": 1, "eval": 1}
+    assert (final2["api"], final2["parallel"], final2["processes"], final1["processes"]) == (api, parallel, 2, 1)
+    print(f"{api}: final test accuracy {final1['test_accuracy']:.4%} (1 x 8), "
+          f"{final2['test_accuracy']:.4%} (2 x 4)")
 
 
 def test_missing_peer_fails_fast_with_clear_error(tmp_path):
