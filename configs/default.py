@@ -6,18 +6,19 @@ Run (one process, every local device; resumes if the workdir holds a checkpoint)
   python train.py --config configs/default.py --workdir runs/default_jaxbn
   python train.py --config configs/default.py --config.norm=flax --workdir runs/default_flax
 
-Expected result, measured on this project's 2-core CPU (1 device, jax 0.10.2,
-the other core busy with another job; files in results/default_* and
-results/constant_lr_*):
+Expected result, measured on this project's 2-core CPU (1 device, jax 0.10.2, the
+machine otherwise quiet; `bash benchmarks/studies/readme_runs.sh` reruns all five
+and copies the files to results/<name>/; tests/test_readme.py checks these
+figures against those files):
 
-  norm    learning rate                     test accuracy   wall time   images/s
-  jaxbn   cosine (this config)              92.06 %         836 s*      730*
-  flax    cosine                            91.85 %         744 s*      827*
-  jaxbn   --config.lr_schedule=constant     90.79 %         671 s       913
-  flax    --config.lr_schedule=constant     90.06 %         671 s       909
+  norm    run                               test accuracy   wall time   images/s
+  jaxbn   this config (default_jaxbn)       91.81 %         107 s       6339
+  flax    --config.norm=flax                92.03 %         131 s       5065
+  jaxbn   --config.api=nnx                  92.03 %         101 s       6646
+  jaxbn   --config.lr_schedule=constant     90.72 %          97 s       6968
+  flax    --config.lr_schedule=constant     90.83 %         118 s       5549
   images/s counts training steps only (no compilation, evaluation or saving).
-  * another job of ours shared the CPU. An interleaved 300-step A/B gave jaxbn
-  872/835 and Flax 870/847 images/s: the same speed.
+  One seed each: the accuracies differ by a single seed's noise.
 
 With the article's constant learning rate the model overfits after epoch 2
 (train accuracy 98 %, test loss rising) and the final epoch lands between 90 and
