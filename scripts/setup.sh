@@ -13,6 +13,11 @@ took() { say "  done in $((SECONDS - $1)) s"; }
 say "setting up jaxbn in $(pwd)/.venv (first run: about 2-4 minutes, mostly downloads; later runs: seconds)"
 
 PY=${PYTHON:-python3}
+# pip, without its warnings about configured package locations that do not exist on this
+# machine (a pip.conf's extra index or find-links directory); every other line passes.
+pip_quiet() {
+  .venv/bin/python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if [ ! -x .venv/bin/python ]; then
   say "creating the virtualenv .venv with $PY (a few seconds)"
   t=$SECONDS; "$PY" -m venv .venv; took $t
@@ -24,15 +29,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "  $(grep -v '^#' constraints.txt | tr '\n' ' ')"
   say "  (a few hundred MB, jaxlib the largest; about 1-3 minutes)"
   t=$SECONDS
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  pip_quiet install -q --upgrade pip
+  pip_quiet install -q -c constraints.txt -e ".[test]"
   took $t
   # The CPU build of PyTorch ships on this kind of machine's disk; never download
   # the multi-GB CUDA build just for the optional parity tests.
   if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
     say "installing PyTorch's CPU build (optional, for the PyTorch-parity tests; about 1 minute)"
     t=$SECONDS
-    .venv/bin/python -m pip install -q torch==2.13.0 || say "optional torch not installed"
+    pip_quiet install -q torch==2.13.0 || say "optional torch not installed"
     took $t
   fi
   echo "$want" > "$stamp"
