@@ -8,14 +8,14 @@ meaning do not change (the article's CNN in `jaxbn.models` uses it).
 Why: a convolution with few input channels, such as the first layer of an
 image model (3×3 on one grayscale channel), is a poor fit for XLA:CPU's
 convolution kernels. Its kernel gradient runs as a convolution over the batch
-dimension after a transpose of the whole output gradient: in the article's CNN
-train step (batch 128, 28×28×1, 32 filters) it took about half of the step.
+dimension after a transpose of the whole output gradient (the largest cost in a
+profile of the article's CNN train step: batch 128, 28×28×1, 32 filters).
 Written as im2col — the ``kh·kw·C_in`` shifted views of the input side by side,
 times the kernel as a ``(kh·kw·C_in, C_out)`` matrix — the forward is one matrix
 product and, by autodiff, the kernel gradient is ``patchesᵀ @ dy``, one matrix
-product with a long contraction: the whole CNN train step drops from about 26
-to 20 ms on the 2-core CPU this project is measured on
-(`benchmarks/train_step.py`). With many input channels the patches are
+product with a long contraction: the whole CNN train step is ×1.27–×1.31
+faster than with lax's convolution on the 2-core CPU this project is measured on
+(`python benchmarks/train_step.py`, candidate ``jaxbn+laxconv``). With many input channels the patches are
 ``kh·kw`` times the input and the convolution kernels win, so only patches of
 at most `MAX_PATCH` columns take this path.
 
@@ -41,8 +41,9 @@ from jax import lax
 __all__ = ["conv_general_dilated", "patches_apply", "MAX_PATCH"]
 
 # At most this many patch columns (kh·kw·C_in) take the im2col path on the CPU: a 3×3
-# kernel on up to 3 channels (measured: the CNN's 3×3×1 gains ~25 % of its whole step;
-# ResNet-20's 3×3×16..64 convolutions lose when all are im2col).
+# kernel on up to 3 channels (benchmarks/train_step.py: the CNN's 3×3×1 makes its whole step
+# ×1.27–×1.31 faster, ResNet-20's 3×3×3 stem ×1.04; its 3×3×16..64 convolutions were slower
+# as im2col in a scratch A/B).
 MAX_PATCH = 27
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # ConvDimensionNumbers of NHWC/HWIO/NHWC

@@ -180,6 +180,7 @@ def test_models_convolutions_compute_flax_s():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(4, 12, 12, 1)), jnp.float32)
     ours = models.CNN(num_classes=10)
+    assert models._CONV is not nn.Conv  # the models do pass jaxbn.conv (this Flax has the field)
     saved = models._CONV
     models._CONV = nn.Conv
     try:
